@@ -1,0 +1,62 @@
+# bionemo-scale developer entry points. Every target builds .venv from scratch when needed,
+# always through constraints.txt so that no dependency can swap the CPU torch for a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BENCH_VENV ?= .venv-bench
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bionemo-scale-installed
+BENCH_STAMP := $(BENCH_VENV)/.bench-installed
+PYTEST_ARGS ?=
+DEMO_OUT ?= demo_out
+
+.PHONY: venv demo test test-fast lint format bench bench-venv constraints clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) check
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bionemo-scale demo --output $(DEMO_OUT)
+
+# The whole suite, distributed (torchrun, gloo) tests included. Tests that need the
+# comparison venv run only when it exists (make bench-venv); GPU tests skip without CUDA.
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not distributed" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+# Second environment for the peers that need numpy>=2: cell-eval 0.8.2 and arc-state 0.11.1 (STATE).
+$(BENCH_STAMP): benchmarks/requirements-bench.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q -U pip
+	$(BENCH_VENV)/bin/pip install -q -r benchmarks/requirements-bench.txt
+	touch $@
+
+bench-venv: $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
+	$(PY) benchmarks/dataloader.py
+
+constraints: $(STAMP)
+	( echo "# The measured CPU development stack: pip check clean. Regenerate with make constraints."; \
+	  $(PIP) freeze --exclude-editable | grep -v '^bionemo-scale' | sed 's/^torch==2.13.0+cpu/torch==2.13.0/' ) > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) $(BENCH_VENV) $(DEMO_OUT) build dist src/*.egg-info

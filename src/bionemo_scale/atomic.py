@@ -1,0 +1,60 @@
+"""Atomic outputs: write to a hidden temporary sibling, then rename into place.
+
+A crash or a bad-input error therefore never leaves a half-written file or directory at the
+path the user asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from bionemo_scale.errors import ScaleError
+
+
+def check_output_free(path: Path, overwrite: bool) -> None:
+    """Fail early, before any work, when `path` exists and may not be replaced."""
+    if path.exists() and not overwrite:
+        raise ScaleError(f"output {path} already exists", "choose another path or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `path` only if the block succeeds."""
+    final = Path(path)
+    check_output_free(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(final)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary file path in the same directory; renamed onto `path` on success."""
+    final = Path(path)
+    check_output_free(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=final.suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, final)
