@@ -22,6 +22,12 @@ def check_output_free(path: Path, overwrite: bool) -> None:
         raise ScaleError(f"output {path} already exists", "choose another path or pass --overwrite")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `path` only if the block succeeds."""
@@ -29,6 +35,7 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
     check_output_free(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any mkdir
     try:
         yield tmp
     except BaseException:
@@ -52,6 +59,7 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = True) -> Iterato
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=final.suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o666 & ~_umask())
     try:
         yield tmp
     except BaseException:

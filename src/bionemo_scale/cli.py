@@ -1,0 +1,199 @@
+"""`bionemo-scale`: one command, one subcommand per job.
+
+Heavy imports (torch, NeMo, megatron) happen inside the handlers, so `bionemo-scale --help`
+and data-only jobs stay fast. A `ScaleError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bionemo_scale.errors import ScaleError
+
+logger = logging.getLogger("bionemo_scale")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# -- data ---------------------------------------------------------------------------------------
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from bionemo_scale.config import PreprocessConfig, validate_config
+    from bionemo_scale.data.preprocess import preprocess
+
+    cfg = validate_config(
+        PreprocessConfig,
+        {
+            "pert_col": args.pert_col,
+            "control": args.control,
+            "context_col": args.context_col,
+            "batch_col": args.batch_col,
+            "dose_col": args.dose_col,
+            "split_col": args.split_col,
+            "split": args.split,
+            "hvg": args.hvg,
+            "keep_obs": args.keep_obs or [],
+            "combo_sep": args.combo_sep,
+            "target_sum": args.target_sum,
+            "chunk_rows": args.chunk_rows,
+            "dataset_name": args.dataset_name,
+        },
+        "preprocess options",
+    )
+    report = preprocess(args.input, args.output, cfg, overwrite=args.overwrite, progress=not args.quiet)
+    _print_dataset_report(args.output, report)
+    return 0
+
+
+def _print_dataset_report(path: str | Path, report: dict) -> None:
+    idx, genes, norm = report["index"], report["genes"], report["normalisation"]
+    print(f"dataset     {path}")
+    print(f"cells       {idx['cells']:,} in {idx['groups']:,} groups ({idx['control_cells']:,} controls)")
+    print(f"contexts    {idx['contexts']}   batches {idx['batches']}   perturbations {idx['perturbations']}", end="")
+    print(f" ({idx['combinations']} combinations of {idx['parts']} parts)")
+    print(f"genes       {genes['kept']:,} of {genes['input']:,}: {genes['selection']}")
+    print(f"normalised  input looked like {norm['input']}; applied {norm['applied']}")
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from bionemo_scale.config import SynthConfig, validate_config
+    from bionemo_scale.data.synth import write_synthetic_dataset, write_synthetic_h5ad
+
+    fields = {
+        "n_cells": args.cells,
+        "n_genes": args.genes,
+        "n_contexts": args.contexts,
+        "n_batches": args.batches,
+        "n_perturbations": args.perturbations,
+        "n_combinations": args.combinations,
+        "seed": args.seed,
+        "chunk_rows": args.chunk_rows,
+    }
+    cfg = validate_config(SynthConfig, {k: v for k, v in fields.items() if v is not None}, "synth options")
+    if args.format == "h5ad":
+        info = write_synthetic_h5ad(args.output, cfg, overwrite=args.overwrite, progress=not args.quiet)
+        print(json.dumps(info))
+    else:
+        report = write_synthetic_dataset(args.output, cfg, overwrite=args.overwrite, progress=not args.quiet)
+        _print_dataset_report(args.output, report)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from bionemo_scale.data.splits import split_summary
+    from bionemo_scale.data.store import ProcessedDataset
+
+    data = ProcessedDataset(args.data)
+    _print_dataset_report(args.data, data.manifest)
+    if args.split:
+        labels = data.split_labels(args.split)
+        for which, row in split_summary(data.index, labels).items():
+            print(f"split {which:5s} {row['pairs']:5d} pairs  {row['groups']:5d} groups  {row['cells']:9,d} cells")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    """Draw a few set pairs and print what they hold (a smoke test of the sampler)."""
+    from bionemo_scale.demo import describe_pairs
+
+    print(describe_pairs(args.data, args.split, args.subset, args.set_size, args.n, args.seed))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from bionemo_scale.demo import run_demo
+
+    run_demo(Path(args.output), quick=args.quick)
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bionemo-scale",
+        description="SCALE: set-aware conditional flow for single-cell perturbation response (BioNeMo plugin).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("preprocess", help="h5ad -> SCDL memmap sorted by group + perturbation index")
+    p.add_argument("input", help="input .h5ad (raw counts or log1p-normalised, CSR or dense X)")
+    p.add_argument("output", help="output dataset directory")
+    p.add_argument("--pert-col", required=True, help="obs column with the perturbation label")
+    p.add_argument("--control", required=True, help="label of control cells in --pert-col")
+    p.add_argument("--context-col", required=True, help="obs column with the cellular context (cell line, donor)")
+    p.add_argument("--batch-col", help="obs column with the batch/plate (controls are matched within it)")
+    p.add_argument("--dose-col", help="obs column with numeric dose ('a+b' for combinations)")
+    p.add_argument("--split-col", help="obs column with per-cell train/val/test labels")
+    p.add_argument("--split", help="TOML split; HVGs are then selected on training cells only")
+    p.add_argument("--hvg", type=int, help="keep the N most highly variable genes (seurat flavour)")
+    p.add_argument("--keep-obs", nargs="*", help="extra obs columns to keep in obs.parquet")
+    p.add_argument("--combo-sep", default="+", help="separator of combination labels (default '+')")
+    p.add_argument("--target-sum", type=float, default=1e4, help="normalize_total target for raw counts")
+    p.add_argument("--chunk-rows", type=int, default=20_000, help="rows per streamed chunk (bounds memory)")
+    p.add_argument("--dataset-name", help="dataset name for cell-load style 'dataset.context' split keys")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(handler=_cmd_preprocess)
+
+    p = sub.add_parser("synth", help="write a synthetic perturbation screen with known structure")
+    p.add_argument("output", help="output dataset directory (or .h5ad file with --format h5ad)")
+    p.add_argument("--format", choices=["scdl", "h5ad"], default="scdl")
+    p.add_argument("--cells", type=int, help="approximate number of cells (default 20,000)")
+    p.add_argument("--genes", type=int)
+    p.add_argument("--contexts", type=int)
+    p.add_argument("--batches", type=int, help="batches per context")
+    p.add_argument("--perturbations", type=int)
+    p.add_argument("--combinations", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--chunk-rows", type=int)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_cmd_synth)
+
+    p = sub.add_parser("info", help="summarise a processed dataset (and a split of it)")
+    p.add_argument("data")
+    p.add_argument("--split", help="TOML split file, or 'split-col'")
+    p.set_defaults(handler=_cmd_info)
+
+    p = sub.add_parser("sample", help="draw a few set pairs and print them")
+    p.add_argument("data")
+    p.add_argument("--split", help="TOML split file, or 'split-col' (default: all perturbed groups)")
+    p.add_argument("--subset", default="train", choices=["train", "val", "test"])
+    p.add_argument("--set-size", type=int, default=32)
+    p.add_argument("-n", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_sample)
+
+    p = sub.add_parser("demo", help="the end-to-end demo on the bundled Norman19/McFaline23 data")
+    p.add_argument("--output", default="demo_out")
+    p.add_argument("--quick", action="store_true", help="smallest settings (used by the tests)")
+    p.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ScaleError as exc:
+        print(f"bionemo-scale {args.command}: error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bionemo-scale {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Open a processed SCALE dataset directory (the output of `preprocess` or `synth`)."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bionemo_scale.data.index import PerturbationIndex
+from bionemo_scale.data.layout import FORMAT_VERSION, SCDL_SUBDIR
+from bionemo_scale.data.scdl_io import CsrArrays, open_scdl
+from bionemo_scale.data.splits import SplitSpec, group_splits
+from bionemo_scale.errors import ScaleError
+
+
+class ProcessedDataset:
+    """SCDL expression memmap + perturbation index + genes + obs, read-only."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ScaleError(f"dataset {self.path} does not exist", "run `bionemo-scale preprocess` first")
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.exists():
+            raise ScaleError(f"{self.path} is not a processed SCALE dataset (no manifest.json)", "run preprocess")
+        try:
+            self.manifest: dict[str, object] = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise ScaleError(f"{manifest_path} is corrupt", "re-run preprocess with --overwrite") from None
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise ScaleError(
+                f"{self.path} has format version {self.manifest.get('format_version')}, expected {FORMAT_VERSION}",
+                "re-run preprocess with this version of bionemo-scale",
+            )
+        genes_path = self.path / "genes.txt"
+        if not genes_path.exists():
+            raise ScaleError(f"{self.path} is missing genes.txt", "re-run preprocess")
+        self.genes: list[str] = genes_path.read_text().split()
+        self.index = PerturbationIndex.load(self.path)
+        self.arrays: CsrArrays = open_scdl(self.path / SCDL_SUBDIR, len(self.genes))
+        if self.arrays.n_rows != self.index.n_cells:
+            raise ScaleError(
+                f"{self.path}: SCDL has {self.arrays.n_rows} rows but the index covers {self.index.n_cells}",
+                "re-run preprocess with --overwrite",
+            )
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def n_cells(self) -> int:
+        return self.arrays.n_rows
+
+    @property
+    def dataset_name(self) -> str:
+        return str(self.index.meta.get("dataset", ""))
+
+    @cached_property
+    def obs(self) -> pd.DataFrame:
+        """Kept obs columns in SCDL row order (loaded on first use only)."""
+        return pd.read_parquet(self.path / "obs.parquet")
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        return self.arrays.gather(rows)
+
+    def group_rows(self, group: int) -> np.ndarray:
+        g = self.index.groups
+        return np.arange(int(g.at[group, "start"]), int(g.at[group, "end"]))
+
+    def split_labels(self, split: str | Path | SplitSpec) -> np.ndarray:
+        return group_splits(self.index, split, self.dataset_name)
+
+    def groups_in(self, split: str | Path | SplitSpec, which: str) -> np.ndarray:
+        """Perturbed (non-control) group ids whose split label is `which`."""
+        labels = self.split_labels(split)
+        return np.flatnonzero((labels == which) & ~self.index.is_control)
