@@ -104,6 +104,24 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from bionemo_scale.atomic import check_output_free
+    from bionemo_scale.data.store import ProcessedDataset
+    from bionemo_scale.eval.baselines import make_baseline
+    from bionemo_scale.predict import build_anndata, held_out_groups, plan_predictions, run_predictor, write_predictions
+
+    check_output_free(Path(args.output), args.overwrite)
+    data = ProcessedDataset(args.data)
+    groups = held_out_groups(data, args.split, args.subset)
+    predictor = make_baseline(args.method, data, data.split_labels(args.split))
+    plans = plan_predictions(data, groups, args.seed)
+    pred_X = run_predictor(data, plans, predictor, args.set_size, args.seed, progress=not args.quiet)
+    pred, real = build_anndata(data, plans, pred_X, kind=f"baseline:{args.method}")
+    real_path = write_predictions(pred, real, Path(args.output), overwrite=args.overwrite)
+    print(f"wrote {args.output} ({pred.n_obs:,} cells, {len(groups)} held-out groups) and {real_path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from bionemo_scale.demo import run_demo
 
@@ -167,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_sample)
+
+    p = sub.add_parser("baseline", help="cell-level predictions of a reference baseline")
+    p.add_argument("--method", required=True, choices=["control", "additive", "context-mean"])
+    p.add_argument("--data", required=True, help="processed dataset directory")
+    p.add_argument("--split", required=True, help="TOML split file, or 'split-col'")
+    p.add_argument("--subset", default="test", choices=["val", "test"])
+    p.add_argument("--output", required=True, help="PRED.h5ad (REAL.h5ad is written beside it)")
+    p.add_argument("--set-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_cmd_baseline)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the bundled Norman19/McFaline23 data")
     p.add_argument("--output", default="demo_out")

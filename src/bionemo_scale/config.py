@@ -6,11 +6,12 @@ BioNeMo's split between user-facing config and engine config.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bionemo_scale.errors import ScaleError
 
@@ -107,3 +108,196 @@ class SynthConfig(StrictModel):
     nb_theta: float = Field(5.0, gt=0, description="negative-binomial inverse dispersion")
     seed: int = 0
     chunk_rows: int = Field(20_000, ge=1)
+
+
+class ScaleModelConfig(StrictModel):
+    """The exposed SCALE architecture. `model.transformer_config.to_transformer_config` derives
+    megatron's `TransformerConfig` from it (BioNeMo's split: user config vs engine config).
+    """
+
+    hidden_size: int = Field(256, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(8, ge=1)
+    ffn_hidden_size: int | None = Field(None, description="SwiGLU width; default 4 × hidden")
+    encoder_hidden_size: int | None = Field(None, description="gene encoder/decoder MLP width; default 2 × hidden")
+    spec: Literal["local", "te"] = Field("local", description="megatron local modules (CPU) or Transformer Engine")
+    fp8: Literal["hybrid", "e4m3"] | None = Field(None, description="TE FP8 format; needs spec=te and a GPU")
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    params_dtype: Literal["float32", "bfloat16"] = "float32"
+    hidden_dropout: float = Field(0.0, ge=0, lt=1)
+    attention_dropout: float = Field(0.0, ge=0, lt=1)
+    # conditioning
+    use_control_stats: bool = Field(True, description="a token of per-gene mean/std of the control set")
+    context_dropout: float = Field(0.1, ge=0, le=1, description="train the unknown-context token for zero-shot")
+    pert_feature_dim: int = Field(0, ge=0, description="width of optional perturbation feature vectors")
+    # parameterisation
+    latent_residual: bool = Field(True, description="endpoint = z_t + (1 - t) · head(h)")
+    gene_residual: bool = Field(True, description="decoded cell = x0 + dec(ẑ1) − dec(z0), keeping control detail")
+    # vocabulary (filled from the data at train time; a checkpoint stores them)
+    n_genes: int = Field(0, ge=0)
+    n_parts: int = Field(0, ge=0)
+    n_contexts: int = Field(0, ge=0)
+    n_batches: int = Field(0, ge=0)
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def encoder_width(self) -> int:
+        return self.encoder_hidden_size or 2 * self.hidden_size
+
+
+class FlowConfig(StrictModel):
+    """Conditional transport and endpoint supervision."""
+
+    coupling: Literal["ot", "identity"] = "ot"
+    time_sampler: Literal["uniform", "logit_normal"] = "uniform"
+    endpoint_weight: float = Field(1.0, ge=0)
+    reconstruction_weight: float = Field(1.0, ge=0)
+    distribution_weight: float = Field(0.1, ge=0)
+    distribution_loss: Literal["energy", "mmd"] = "energy"
+    gene_mse_weight: float = Field(1.0, ge=0, description="MSE of the decoded endpoint against the matched cells")
+    stop_grad_target: bool = Field(True, description="no gradient into the encoder through the latent target")
+    inference_steps: int = Field(1, ge=1, description="NFE at prediction time (1 = one endpoint step)")
+    solver: Literal["euler", "heun"] = "euler"
+
+
+class DataConfig(StrictModel):
+    """Where set pairs come from and how many are in a batch."""
+
+    path: str | None = Field(None, description="processed dataset directory (set by --data)")
+    split: str | None = Field(None, description="TOML split file, or 'split-col' (set by --split)")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    micro_batch_size: int = Field(8, ge=1, description="set pairs per microbatch per data-parallel rank")
+    global_batch_size: int | None = Field(None, description="default: micro_batch_size × data-parallel size")
+    num_workers: int = Field(0, ge=0)
+    val_sets_per_pair: int = Field(2, ge=1, description="validation set pairs drawn per held-out (context, pert)")
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    warmup_steps: int = Field(20, ge=0)
+    clip_grad: float = Field(1.0, ge=0)
+
+
+class CheckpointConfig(StrictModel):
+    every_n_train_steps: int = Field(50, ge=1)
+    save_top_k: int = Field(1, description="-1 keeps all")
+    monitor: str = Field("val_loss", description="'val_loss' or a logged metric such as 'val/pearson_delta'")
+    mode: Literal["min", "max"] = "min"
+    save_last: bool = True
+
+
+class EvalConfig(StrictModel):
+    """Biological metrics computed by the validation callback."""
+
+    enabled: bool = True
+    profile: Literal["fast", "full"] = "fast"
+    every_n_validations: int = Field(1, ge=1)
+    max_pairs: int | None = Field(None, description="cap on validation pairs per evaluation")
+    cells_per_pair: int | None = Field(None, description="predicted cells per pair (default: as many as real)")
+    steps: int = Field(1, ge=1, description="NFE for validation predictions")
+
+
+class TrainerConfig(StrictModel):
+    max_steps: int = Field(200, ge=1)
+    val_check_interval: int = Field(50, ge=1)
+    limit_val_batches: int | float = 1.0
+    log_every_n_steps: int = Field(10, ge=1)
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int = Field(1, ge=1, description="processes per node (CPU) or GPUs per node")
+    num_nodes: int = Field(1, ge=1)
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    pipeline_model_parallel_size: int = Field(1, ge=1)
+    precision: Literal["32", "bf16-mixed"] = "32"
+    seed: int = 1234
+    deterministic: bool = True
+
+
+class ScaleConfig(StrictModel):
+    """A full SCALE job: what a recipe returns and what `bionemo-scale train` runs."""
+
+    name: str = "scale"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ScaleModelConfig = Field(default_factory=ScaleModelConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    init_from: str | None = Field(None, description="release (name, path or file:// URL) to fine-tune from")
+
+    @model_validator(mode="after")
+    def _parallel_layout(self) -> ScaleConfig:
+        """Shape errors caught here, at config time, not deep inside megatron."""
+        m, t = self.model, self.trainer
+        tp, pp = t.tensor_model_parallel_size, t.pipeline_model_parallel_size
+        if m.hidden_size % m.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {m.hidden_size} is not divisible by num_attention_heads {m.num_attention_heads}"
+            )
+        if m.num_attention_heads % tp:
+            raise ValueError(f"num_attention_heads {m.num_attention_heads} is not divisible by TP size {tp}")
+        if m.hidden_size % tp or m.ffn % tp or m.encoder_width % tp:
+            raise ValueError(f"hidden/ffn/encoder widths must be divisible by TP size {tp}")
+        if m.num_layers % pp:
+            raise ValueError(f"num_layers {m.num_layers} is not divisible by PP size {pp}")
+        world = t.devices * t.num_nodes
+        if world % (tp * pp):
+            raise ValueError(f"devices × nodes = {world} is not a multiple of TP × PP = {tp * pp}")
+        if m.fp8 and m.spec != "te":
+            raise ValueError("fp8 needs model.spec=te (Transformer Engine)")
+        return self
+
+    @property
+    def data_parallel_size(self) -> int:
+        t = self.trainer
+        return (t.devices * t.num_nodes) // (t.tensor_model_parallel_size * t.pipeline_model_parallel_size)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.data.global_batch_size or self.data.micro_batch_size * self.data_parallel_size
+
+
+def _flatten(data: dict[str, object], prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def apply_overrides(cfg: ScaleConfig, overrides: list[str]) -> ScaleConfig:
+    """Apply dotted `key=value` overrides (values parsed as YAML scalars), re-validating the whole.
+
+    An unknown key is an error that lists the valid keys, so typos never pass silently.
+    """
+    data = cfg.model_dump(mode="json")
+    valid = _flatten(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ScaleError(f"override '{item}' is not key=value", "write e.g. trainer.max_steps=40")
+        if key not in valid:
+            close = difflib.get_close_matches(key, list(valid), n=4, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"valid keys: {', '.join(sorted(valid))}"
+            raise ScaleError(f"unknown config key '{key}'", hint)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]  # type: ignore[assignment]
+        node[leaf] = value  # type: ignore[index]
+    return validate_config(ScaleConfig, data, "config")  # type: ignore[return-value]

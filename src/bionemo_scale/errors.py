@@ -18,4 +18,5 @@ class ScaleError(ValueError):
 
     def one_line(self) -> str:
         text = self.problem if self.fix is None else f"{self.problem}. Fix: {self.fix}"
-        return " ".join(text.split()) + "."
+        text = " ".join(text.split())
+        return text if text.endswith(("?", "!")) else text + "."

@@ -94,6 +94,10 @@ class SetPairDataset(Dataset):
         sizes = self._end[gids] - self._start[gids]
         return ControlPool(self._start[gids].astype(np.int64), np.concatenate([[0], np.cumsum(sizes)]), matched)
 
+    def control_pool(self, group: int) -> ControlPool:
+        """The control cells a perturbed group is paired with."""
+        return self._pools[int(group)]
+
     @property
     def epoch_length(self) -> int:
         return int(self.slots.size)
@@ -134,9 +138,10 @@ class SetPairDataset(Dataset):
         rows = np.concatenate([np.concatenate([c, p]) for _, c, p in specs])
         expr = torch.from_numpy(self.data.gather(rows)).view(len(specs), 2, s, -1)
         out = []
-        for i, (g, ctrl_rows, pert_rows) in enumerate(specs):
+        for i, (k, (g, ctrl_rows, pert_rows)) in enumerate(zip(ks, specs, strict=True)):
             out.append(
                 {
+                    "index": torch.tensor(int(k), dtype=torch.long),
                     "ctrl": expr[i, 0],
                     "pert": expr[i, 1],
                     "pert_id": torch.tensor(self._pert[g], dtype=torch.long),
