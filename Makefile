@@ -25,9 +25,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/bionemo-scale demo --output $(DEMO_OUT)
 
-# The whole suite, distributed (torchrun, gloo) tests included. Tests that need the
-# comparison venv run only when it exists (make bench-venv); GPU tests skip without CUDA.
-test: $(STAMP)
+# The whole suite, distributed (torchrun, gloo) tests and the cell-eval parity tests (which
+# run cell-eval in .venv-bench through a subprocess) included. GPU/FP8 tests skip without CUDA/TE.
+test: $(STAMP) $(BENCH_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -42,10 +42,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks
 
 # Second environment for the peers that need numpy>=2: cell-eval 0.8.2 and arc-state 0.11.1 (STATE).
-$(BENCH_STAMP): benchmarks/requirements-bench.txt
+$(BENCH_STAMP): benchmarks/requirements-bench.txt benchmarks/constraints-bench.txt
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install -q -U pip
-	$(BENCH_VENV)/bin/pip install -q -r benchmarks/requirements-bench.txt
+	$(BENCH_VENV)/bin/pip install -q -c benchmarks/constraints-bench.txt -r benchmarks/requirements-bench.txt
 	touch $@
 
 bench-venv: $(BENCH_STAMP)

@@ -129,6 +129,128 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- training and inference --------------------------------------------------------------------
+def _job_config(args: argparse.Namespace, default_recipe: str | None = None):
+    """Recipe or YAML config, then --data/--split, then dotted overrides (validated)."""
+    from bionemo_scale.config import ScaleConfig, apply_overrides, load_yaml, validate_config
+    from bionemo_scale.recipes import get_recipe
+
+    if getattr(args, "config", None):
+        cfg = validate_config(ScaleConfig, load_yaml(args.config), f"config {args.config}")
+    else:
+        cfg = get_recipe(args.recipe or default_recipe)
+    fixed = [f"data.path={args.data}", f"data.split={args.split}"]
+    return apply_overrides(cfg, [*fixed, *args.overrides])
+
+
+def _check_split(args: argparse.Namespace) -> None:
+    if args.split != "split-col" and not Path(args.split).exists():
+        raise ScaleError(f"split file {args.split} does not exist", "pass an existing TOML split, or 'split-col'")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from bionemo_scale.train.engine import train
+
+    _check_split(args)
+    cfg = _job_config(args)
+    run = train(cfg, args.output)
+    print(f"run written to {run} (checkpoints in {Path(run) / 'checkpoints'})")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from bionemo_scale.train.engine import train
+    from bionemo_scale.train.finetune import read_gene_map
+
+    _check_split(args)
+    cfg = _job_config(args, default_recipe="finetune")
+    cfg = cfg.model_copy(update={"init_from": args.source})
+    gene_map = read_gene_map(args.gene_map) if args.gene_map else None
+    run = train(cfg, args.output, gene_map=gene_map)
+    print(f"fine-tuned run written to {run}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from bionemo_scale.atomic import check_output_free
+    from bionemo_scale.data.store import ProcessedDataset
+    from bionemo_scale.predict import (
+        VocabularyMap,
+        build_anndata,
+        held_out_groups,
+        model_predictor,
+        plan_predictions,
+        run_predictor,
+        write_predictions,
+    )
+    from bionemo_scale.registry import resolve
+    from bionemo_scale.train.release import load_model
+
+    _check_split(args)
+    check_output_free(Path(args.output), args.overwrite)
+    data = ProcessedDataset(args.data)
+    groups = held_out_groups(data, args.split, args.subset)
+    model, cfg, vocab = load_model(resolve(args.checkpoint))
+    predictor = model_predictor(model, VocabularyMap(vocab, data), steps=args.steps or cfg.flow.inference_steps)
+    set_size = cfg.data.sampler.set_size
+    plans = plan_predictions(data, groups, args.seed, cfg.data.sampler.control_matching)
+    pred_X = run_predictor(data, plans, predictor, set_size, args.seed, progress=not args.quiet)
+    pred, real = build_anndata(data, plans, pred_X, kind=f"scale:{args.checkpoint}")
+    real_path = write_predictions(pred, real, Path(args.output), overwrite=args.overwrite)
+    print(f"wrote {args.output} ({pred.n_obs:,} cells, {len(groups)} held-out groups) and {real_path}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from bionemo_scale.train.release import export_release
+
+    out = export_release(args.run, args.out, which=args.which, overwrite=args.overwrite)
+    print(f"release written to {out}")
+    return 0
+
+
+def _cmd_recipe(args: argparse.Namespace) -> int:
+    from bionemo_scale.config import dump_yaml
+    from bionemo_scale.recipes import get_recipe, registered
+
+    if args.action == "list":
+        for name, fn in sorted(registered().items()):
+            doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+            print(f"{name:22s} {doc}")
+        return 0
+    if not args.name:
+        raise ScaleError(f"'recipe {args.action}' needs a recipe name", "run `bionemo-scale recipe list`")
+    cfg = get_recipe(args.name)
+    if args.action == "show":
+        from bionemo_scale.recipes import registered as _reg
+
+        fn = _reg().get(args.name)
+        print((fn.__doc__ or "").strip() if fn else "")
+        print()
+    print(dump_yaml(cfg), end="")
+    return 0
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from bionemo_scale.launch import LaunchSpec, launch
+
+    spec = LaunchSpec(
+        recipe=args.recipe,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        data=args.data,
+        split=args.split,
+        output=args.output,
+        overrides=list(args.overrides),
+        partition=args.partition,
+        account=args.account,
+        time=args.time,
+        image=args.image,
+        mounts=args.mount or [],
+    )
+    return launch(spec, args.executor, args.dry_run)
+
+
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -185,6 +307,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_sample)
+
+    p = sub.add_parser("train", help="train a SCALE model (NeMo 2 MegatronStrategy; CPU or GPU)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--recipe", help="a named recipe (bionemo-scale recipe list)")
+    src.add_argument("--config", help="a YAML config (bionemo-scale recipe dump NAME > file.yaml)")
+    p.add_argument("--data", required=True, help="processed dataset directory")
+    p.add_argument("--split", required=True, help="TOML split file, or 'split-col'")
+    p.add_argument("--output", required=True, help="run directory (resumed automatically if it has checkpoints)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.max_steps=40")
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune from a release (path, file:// URL or registry tag)")
+    p.add_argument("--from", dest="source", required=True, help="release directory, file:// URL or registry tag")
+    p.add_argument("--recipe", default=None, help="recipe for the schedule (default: finetune)")
+    p.add_argument("--config", help="a YAML config instead of a recipe")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--gene-map", help="TSV: data gene <TAB> release gene, when the panels are named differently")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(handler=_cmd_finetune)
+
+    p = sub.add_parser("predict", help="predict held-out pairs to AnnData (PRED.h5ad + REAL.h5ad)")
+    p.add_argument("--checkpoint", required=True, help="run directory, release directory, or registry tag")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--subset", default="test", choices=["val", "test"])
+    p.add_argument("--output", required=True, help="PRED.h5ad (REAL.h5ad is written beside it)")
+    p.add_argument("--steps", type=int, help="integration steps (NFE); default from the config (1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a run's checkpoint as a portable release (safetensors)")
+    p.add_argument("run")
+    p.add_argument("out")
+    p.add_argument("--which", choices=["last", "best"], default="last")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("recipe", help="list, show or dump the named recipes")
+    p.add_argument("action", choices=["list", "show", "dump"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(handler=_cmd_recipe)
+
+    p = sub.add_parser("launch", help="run a recipe under torchrun (local) or as a Slurm job")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--executor", choices=["local", "slurm"], default="local")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--time", default="04:00:00")
+    p.add_argument("--image", default="nvcr.io/nvidia/clara/bionemo-framework:nightly")
+    p.add_argument("--mount", action="append", help="extra container mounts SRC:DST (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the command or sbatch script, run nothing")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(handler=_cmd_launch)
 
     p = sub.add_parser("baseline", help="cell-level predictions of a reference baseline")
     p.add_argument("--method", required=True, choices=["control", "additive", "context-mean"])

@@ -95,9 +95,7 @@ def tahoe_100m_pretrain() -> ScaleConfig:
             precision="bf16-mixed",
             deterministic=False,
         ),
-        checkpoint=CheckpointConfig(
-            every_n_train_steps=2000, save_top_k=3, monitor="val/pearson_delta", mode="max"
-        ),
+        checkpoint=CheckpointConfig(every_n_train_steps=2000, save_top_k=3, monitor="val/pearson_delta", mode="max"),
         eval=EvalConfig(profile="fast", max_pairs=256),
     )
 

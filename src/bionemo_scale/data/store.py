@@ -65,7 +65,32 @@ class ProcessedDataset:
         return pd.read_parquet(self.path / "obs.parquet")
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
-        return self.arrays.gather(rows)
+        out = self.arrays.gather(rows)
+        return out if self._column_order is None else out[:, self._column_order]
+
+    def gather_csr(self, rows: np.ndarray):
+        """The same rows as CSR (no densifying), honouring `align_genes`."""
+        out = self.arrays.gather_csr(rows)
+        return out if self._column_order is None else out[:, self._column_order]
+
+    _column_order: np.ndarray | None = None
+
+    def align_genes(self, target: list[str], rename: dict[str, str] | None = None) -> None:
+        """Serve columns in `target` order (e.g. a checkpoint's panel), after optional renaming.
+
+        Every target gene must exist in the data; extra data genes are dropped. Used by
+        fine-tuning with --gene-map, so a dataset with other gene ids or order can be used.
+        """
+        names = [rename.get(g, g) for g in self.genes] if rename else list(self.genes)
+        pos = {g: i for i, g in enumerate(names)}
+        missing = [g for g in target if g not in pos]
+        if missing:
+            raise ScaleError(
+                f"{len(missing)} of the model's genes are not in the data after mapping, e.g. {missing[:5]}",
+                "extend the --gene-map, or preprocess data that measures these genes",
+            )
+        self._column_order = np.array([pos[g] for g in target], dtype=np.int64)
+        self.genes = list(target)
 
     def group_rows(self, group: int) -> np.ndarray:
         g = self.index.groups

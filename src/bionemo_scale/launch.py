@@ -1,0 +1,154 @@
+"""`bionemo-scale launch`: run a recipe under torchrun locally, or as a Slurm batch job.
+
+The Slurm script follows the NGC/DGX conventions BioNeMo uses: one task per GPU via `srun`,
+the container image through pyxis/enroot flags, NCCL settings for InfiniBand, and
+MASTER_ADDR/MASTER_PORT taken from the first node of the allocation.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bionemo_scale.errors import ScaleError
+
+DEFAULT_IMAGE = "nvcr.io/nvidia/clara/bionemo-framework:nightly"
+
+
+@dataclass
+class LaunchSpec:
+    recipe: str
+    nodes: int
+    gpus_per_node: int
+    data: str
+    split: str
+    output: str
+    overrides: list[str] = field(default_factory=list)
+    job_name: str = "bionemo-scale"
+    partition: str | None = None
+    account: str | None = None
+    time: str = "04:00:00"
+    image: str = DEFAULT_IMAGE
+    mounts: list[str] = field(default_factory=list)
+    master_port: int = 29500
+
+    def validate(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ScaleError("--nodes and --gpus-per-node must be >= 1", "pass positive counts")
+        from bionemo_scale.recipes import get_recipe
+
+        cfg = get_recipe(self.recipe)
+        tp, pp = cfg.trainer.tensor_model_parallel_size, cfg.trainer.pipeline_model_parallel_size
+        world = self.nodes * self.gpus_per_node
+        if world % (tp * pp):
+            raise ScaleError(
+                f"{self.nodes} nodes × {self.gpus_per_node} GPUs = {world} is not a multiple of the recipe's "
+                f"TP×PP = {tp}×{pp}",
+                "change --nodes/--gpus-per-node or override trainer.tensor_model_parallel_size",
+            )
+
+    def train_args(self) -> list[str]:
+        args = [
+            "bionemo-scale",
+            "train",
+            "--recipe",
+            self.recipe,
+            "--data",
+            self.data,
+            "--split",
+            self.split,
+            "--output",
+            self.output,
+            f"trainer.devices={self.gpus_per_node}",
+            f"trainer.num_nodes={self.nodes}",
+        ]
+        return args + list(self.overrides)
+
+
+def torchrun_command(spec: LaunchSpec, nproc: int | None = None) -> list[str]:
+    """Single-node torchrun (CPU processes or local GPUs)."""
+    n = nproc or spec.gpus_per_node
+    train = spec.train_args()
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        "-m",
+        "bionemo_scale.cli",
+        *train[1:],
+    ]
+
+
+def slurm_script(spec: LaunchSpec) -> str:
+    """An sbatch script: one srun task per GPU, each running `bionemo-scale train`."""
+    header = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={spec.job_name}",
+        f"#SBATCH --nodes={spec.nodes}",
+        f"#SBATCH --ntasks-per-node={spec.gpus_per_node}",
+        f"#SBATCH --gpus-per-node={spec.gpus_per_node}",
+        "#SBATCH --exclusive",
+        f"#SBATCH --time={spec.time}",
+        f"#SBATCH --output={spec.output}/slurm-%j.out",
+    ]
+    if spec.partition:
+        header.append(f"#SBATCH --partition={spec.partition}")
+    if spec.account:
+        header.append(f"#SBATCH --account={spec.account}")
+    dirs = sorted({str(Path(p).resolve().parent) for p in (spec.output, spec.data, spec.split)})
+    mounts = ",".join([*spec.mounts, *(f"{d}:{d}" for d in dirs)])
+    train = " ".join(shlex.quote(a) for a in spec.train_args())
+    body = f"""
+set -euo pipefail
+mkdir -p {shlex.quote(spec.output)}
+
+# Rendezvous: the first node of the allocation hosts the TCP store.
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_PORT={spec.master_port}
+export WORLD_SIZE=$((SLURM_NNODES * SLURM_NTASKS_PER_NODE))
+
+# NCCL on DGX/InfiniBand; CUDA_DEVICE_MAX_CONNECTIONS=1 lets TP comm overlap compute.
+export NCCL_IB_DISABLE=0
+export NCCL_IB_HCA=${{NCCL_IB_HCA:-mlx5}}
+export NCCL_SOCKET_IFNAME=${{NCCL_SOCKET_IFNAME:-^lo,docker}}
+export NCCL_NVLS_ENABLE=0
+export NCCL_ASYNC_ERROR_HANDLING=1
+export TORCH_NCCL_AVOID_RECORD_STREAMS=1
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+export PYTHONUNBUFFERED=1
+
+srun --container-image={shlex.quote(spec.image)} \\
+     --container-mounts={shlex.quote(mounts)} \\
+     --no-container-mount-home \\
+     --kill-on-bad-exit=1 \\
+     bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec {train}'
+"""
+    return "\n".join(header) + "\n" + body
+
+
+def launch(spec: LaunchSpec, executor: str, dry_run: bool) -> int:
+    spec.validate()
+    if executor == "local":
+        cmd = torchrun_command(spec)
+        print(" ".join(shlex.quote(c) for c in cmd))
+        return 0 if dry_run else subprocess.call(cmd)
+    if executor == "slurm":
+        script = slurm_script(spec)
+        if dry_run:
+            print(script)
+            return 0
+        sbatch = shutil.which("sbatch")
+        if sbatch is None:
+            raise ScaleError("sbatch is not on PATH", "run on a Slurm login node, or use --dry-run to print the script")
+        out = Path(spec.output)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "launch.sbatch"
+        path.write_text(script)
+        return subprocess.call([sbatch, str(path)])
+    raise ScaleError(f"unknown executor '{executor}'", "use local or slurm")

@@ -1,0 +1,87 @@
+"""Condition tokens that the cell tokens attend to.
+
+One token each for the perturbation (sum of its parts' embeddings + dose + optional feature
+vector, so a combination A+B is composed from A and B and an unseen perturbation can enter
+through its features), the context, the batch, the flow time t, and, optionally, a summary of
+the control set (per-gene mean and std): the context is then learned from cells, not only from
+an id, which is what lets the model reach a held-out cell line.
+
+Index `n` (one past the vocabulary) of each embedding is reserved for "unknown".
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from bionemo_scale.config import ScaleModelConfig
+from bionemo_scale.model.layers import ParallelMLP, sinusoidal_features
+
+TIME_FEATURES = 64
+
+
+class ConditionTokens(nn.Module):
+    """Build the [T, B, H] condition tokens of a batch of set pairs."""
+
+    def __init__(self, cfg: ScaleModelConfig, tconfig: TransformerConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.cfg = cfg
+        self.part_emb = nn.Embedding(cfg.n_parts + 1, h)
+        self.dose_proj = nn.Linear(1, h, bias=False)
+        self.pert_feat = nn.Linear(cfg.pert_feature_dim, h, bias=False) if cfg.pert_feature_dim else None
+        self.context_emb = nn.Embedding(cfg.n_contexts + 1, h)
+        self.batch_emb = nn.Embedding(cfg.n_batches + 1, h)
+        self.time_mlp = nn.Sequential(nn.Linear(TIME_FEATURES, h), nn.SiLU(), nn.Linear(h, h))
+        self.stats = ParallelMLP(tconfig, 2 * cfg.n_genes, cfg.encoder_width, h) if cfg.use_control_stats else None
+        self.type_emb = nn.Parameter(torch.zeros(self.num_tokens, h))
+        for emb in (self.part_emb, self.context_emb, self.batch_emb):
+            nn.init.normal_(emb.weight, std=0.02)
+        nn.init.normal_(self.type_emb, std=0.02)
+
+    @property
+    def num_tokens(self) -> int:
+        return 4 + int(self.cfg.use_control_stats)
+
+    @property
+    def unknown_context(self) -> int:
+        return self.cfg.n_contexts
+
+    @property
+    def unknown_batch(self) -> int:
+        return self.cfg.n_batches
+
+    def perturbation_token(
+        self, parts: torch.Tensor, dose: torch.Tensor, features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Sum of part embeddings (pad = -1), plus log-dose and feature projections: [B, H]."""
+        present = (parts >= 0).unsqueeze(-1).to(self.part_emb.weight.dtype)
+        token = (self.part_emb(parts.clamp(min=0)) * present).sum(dim=1)
+        token = token + self.dose_proj(torch.log1p(dose.clamp(min=0)).unsqueeze(-1).to(token.dtype))
+        if self.pert_feat is not None and features is not None:
+            token = token + self.pert_feat(features.to(token.dtype))
+        return token
+
+    def forward(
+        self,
+        *,
+        ctrl: torch.Tensor,
+        parts: torch.Tensor,
+        dose: torch.Tensor,
+        context_id: torch.Tensor,
+        batch_id: torch.Tensor,
+        t: torch.Tensor,
+        pert_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        tokens = [
+            self.perturbation_token(parts, dose, pert_features),
+            self.context_emb(context_id),
+            self.batch_emb(batch_id),
+            self.time_mlp(sinusoidal_features(t, TIME_FEATURES).to(self.type_emb.dtype)),
+        ]
+        if self.stats is not None:
+            summary = torch.cat([ctrl.mean(dim=1), ctrl.std(dim=1, unbiased=False)], dim=-1)  # [B, 2G]
+            tokens.append(self.stats(summary))
+        stacked = torch.stack(tokens, dim=0)  # [T, B, H]
+        return stacked + self.type_emb.unsqueeze(1)

@@ -1,0 +1,219 @@
+"""Cell-level predictions for held-out (perturbation, context) pairs, written as AnnData.
+
+For every held-out group (context, batch, perturbation) with n real cells, n control cells are
+drawn from the same context and batch (falling back to the context), cut into sets of S,
+pushed through a predictor, and written as n predicted cells. The real control cells of the
+contexts involved go into both files, so `PRED.h5ad` / `REAL.h5ad` can be scored directly by
+`bionemo-scale evaluate` or `cell-eval run`.
+
+The predictor is any callable (control sets [B, S, G], conditions) -> [B, S, G]: the SCALE
+model, or one of the baselines, which therefore share exactly the same control cells.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from bionemo_scale.atomic import atomic_file, check_output_free
+from bionemo_scale.config import SamplerConfig
+from bionemo_scale.data.sampler import SetPairDataset, draw_positions
+from bionemo_scale.data.store import ProcessedDataset
+from bionemo_scale.errors import ScaleError
+
+logger = logging.getLogger(__name__)
+
+PERT_COL, CONTEXT_COL, BATCH_COL = "perturbation", "context", "batch"
+Predictor = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class GroupPlan:
+    group: int
+    ctrl_rows: np.ndarray  # one control cell per real cell of the group
+    real_rows: np.ndarray
+
+
+def plan_predictions(
+    data: ProcessedDataset, groups: np.ndarray, seed: int, control_matching: str = "batch"
+) -> list[GroupPlan]:
+    """Choose, reproducibly, the control cells each held-out group is predicted from."""
+    pools = SetPairDataset(data, groups, SamplerConfig(set_size=1, control_matching=control_matching), num_epochs=1)
+    plans = []
+    for g in np.asarray(groups, dtype=np.int64):
+        real = data.group_rows(int(g))
+        rng = np.random.default_rng([seed, int(g), 0xC7])
+        pool = pools.control_pool(int(g))
+        plans.append(GroupPlan(int(g), pool.rows(draw_positions(rng, pool.size, real.size)).astype(np.int64), real))
+    return plans
+
+
+def group_conditions(data: ProcessedDataset, group: int, n_sets: int) -> dict[str, torch.Tensor]:
+    """Condition tensors for `n_sets` sets of one group."""
+    g = data.index.groups
+    pert = int(g.at[group, "pert_id"])
+    parts = torch.from_numpy(data.index.parts_matrix()[pert]).expand(n_sets, -1).contiguous()
+    full = lambda v, dt: torch.full((n_sets,), v, dtype=dt)  # noqa: E731
+    return {
+        "parts": parts,
+        "dose": full(float(g.at[group, "dose"]), torch.float32),
+        "context_id": full(int(g.at[group, "context_id"]), torch.long),
+        "batch_id": full(int(g.at[group, "batch_id"]), torch.long),
+        "pert_id": full(pert, torch.long),
+    }
+
+
+def run_predictor(
+    data: ProcessedDataset,
+    plans: list[GroupPlan],
+    predictor: Predictor,
+    set_size: int,
+    seed: int,
+    progress: bool = True,
+) -> np.ndarray:
+    """Predicted expression for every planned cell, in plan order: [sum n_g, G]."""
+    out = []
+    for plan in tqdm(plans, desc="predict", unit="pair", disable=not progress):
+        n = plan.ctrl_rows.size
+        n_sets = -(-n // set_size)
+        rows = plan.ctrl_rows
+        if n_sets * set_size > n:  # pad the last set with extra controls of the same pool
+            rng = np.random.default_rng([seed, plan.group, 0xAD])
+            rows = np.concatenate([rows, rng.choice(plan.ctrl_rows, n_sets * set_size - n)])
+        ctrl = torch.from_numpy(data.gather(rows)).view(n_sets, set_size, -1)
+        pred = predictor(ctrl, group_conditions(data, plan.group, n_sets))
+        out.append(pred.reshape(n_sets * set_size, -1)[:n].float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, data.n_genes), dtype=np.float32)
+
+
+def _obs(data: ProcessedDataset, rows: np.ndarray, pert_labels: list[str] | None = None) -> pd.DataFrame:
+    idx = data.index
+    group_of_row = np.searchsorted(idx.groups["end"].to_numpy(), rows, side="right")
+    g = idx.groups.iloc[group_of_row]
+    perts = pert_labels or [idx.perturbations[p] for p in g["pert_id"]]
+    return pd.DataFrame(
+        {
+            PERT_COL: pd.Categorical(perts),
+            CONTEXT_COL: pd.Categorical([idx.contexts[c] for c in g["context_id"]]),
+            BATCH_COL: pd.Categorical([idx.batches[b] for b in g["batch_id"]]),
+        }
+    )
+
+
+def build_anndata(
+    data: ProcessedDataset, plans: list[GroupPlan], pred_X: np.ndarray, kind: str
+) -> tuple[ad.AnnData, ad.AnnData]:
+    """(predicted, real) AnnData, each with the real control cells of the contexts involved."""
+    idx = data.index
+    contexts = sorted({int(idx.groups.at[p.group, "context_id"]) for p in plans})
+    ctrl_groups = np.concatenate([idx.control_groups_by_context[c] for c in contexts]) if contexts else np.array([])
+    ctrl_rows = np.concatenate([data.group_rows(int(g)) for g in ctrl_groups]) if len(ctrl_groups) else np.array([])
+    ctrl_rows = ctrl_rows.astype(np.int64)
+    real_rows = np.concatenate([p.real_rows for p in plans]).astype(np.int64)
+    ctrl_X = data.gather_csr(ctrl_rows)
+
+    pred_obs = pd.concat([_obs(data, real_rows), _obs(data, ctrl_rows)], ignore_index=True)
+    pred_obs["source_row"] = np.concatenate([np.concatenate([p.ctrl_rows for p in plans]), ctrl_rows])
+    pred_obs["is_prediction"] = np.r_[np.ones(real_rows.size, bool), np.zeros(ctrl_rows.size, bool)]
+    pred_obs.index = [f"pred{i}" for i in range(len(pred_obs))]
+    pred = ad.AnnData(
+        X=sp.vstack([sp.csr_matrix(pred_X.astype(np.float32)), ctrl_X], format="csr"),
+        obs=pred_obs,
+        var=pd.DataFrame(index=pd.Index(data.genes, name="gene")),
+        uns={"bionemo_scale": {"kind": kind, "control": idx.control_label, "pert_col": PERT_COL}},
+    )
+    real_obs = pd.concat([_obs(data, real_rows), _obs(data, ctrl_rows)], ignore_index=True)
+    real_obs["source_row"] = np.concatenate([real_rows, ctrl_rows])
+    real_obs.index = data.obs["cell_id"].to_numpy()[real_obs["source_row"].to_numpy()].astype(str)
+    real = ad.AnnData(
+        X=sp.vstack([data.gather_csr(real_rows), ctrl_X], format="csr"),
+        obs=real_obs,
+        var=pd.DataFrame(index=pd.Index(data.genes, name="gene")),
+        uns={"bionemo_scale": {"kind": "real", "control": idx.control_label, "pert_col": PERT_COL}},
+    )
+    return pred, real
+
+
+def real_path_for(pred_path: Path) -> Path:
+    return pred_path.with_name("REAL.h5ad")
+
+
+def write_predictions(pred: ad.AnnData, real: ad.AnnData, pred_path: Path, overwrite: bool = True) -> Path:
+    """Write PRED and REAL.h5ad (beside it) atomically; returns the REAL path."""
+    real_path = real_path_for(pred_path)
+    if real_path.resolve() == pred_path.resolve():
+        raise ScaleError("the prediction file may not be called REAL.h5ad", "choose another --output name")
+    check_output_free(pred_path, overwrite)
+    with atomic_file(pred_path, overwrite) as tmp_pred, atomic_file(real_path, True) as tmp_real:
+        pred.write_h5ad(tmp_pred)
+        real.write_h5ad(tmp_real)
+    logger.info("wrote %s (%d cells) and %s", pred_path, pred.n_obs, real_path)
+    return real_path
+
+
+def held_out_groups(data: ProcessedDataset, split: str | Path, subset: str) -> np.ndarray:
+    groups = data.groups_in(split, subset)
+    if groups.size == 0:
+        raise ScaleError(f"the split selects no '{subset}' pairs", "check --split and --subset")
+    return groups
+
+
+class VocabularyMap:
+    """Translate a dataset's ids into a model's ids, label by label.
+
+    Labels the model never saw map to its reserved "unknown" id (one past its vocabulary):
+    an unseen context is then predicted from its control cells alone.
+    """
+
+    def __init__(self, model_vocab: dict[str, object], data: ProcessedDataset) -> None:
+        if list(model_vocab["genes"]) != data.genes:  # type: ignore[arg-type]
+            raise ScaleError(
+                f"the model's {len(model_vocab['genes'])} genes differ from the data's {data.n_genes} "  # type: ignore[arg-type]
+                "(names or order)",
+                "preprocess the data against the model's genes.txt, or fine-tune with --gene-map",
+            )
+        idx = data.index
+
+        def mapping(model_labels: list[str], data_labels: list[str]) -> tuple[np.ndarray, list[str]]:
+            pos = {label: i for i, label in enumerate(model_labels)}
+            ids = np.array([pos.get(label, len(model_labels)) for label in data_labels], dtype=np.int64)
+            return ids, [label for label in data_labels if label not in pos]
+
+        self.context, self.unknown_contexts = mapping(list(model_vocab["contexts"]), idx.contexts)  # type: ignore[arg-type]
+        self.batch, self.unknown_batches = mapping(list(model_vocab["batches"]), idx.batches)  # type: ignore[arg-type]
+        self.part, self.unknown_parts = mapping(list(model_vocab["parts"]), idx.parts)  # type: ignore[arg-type]
+        for what, labels in (("contexts", self.unknown_contexts), ("parts", self.unknown_parts)):
+            if labels:
+                logger.warning("the model never saw %d %s: %s", len(labels), what, labels[:8])
+
+    def __call__(self, conditions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(conditions)
+        out["context_id"] = torch.from_numpy(self.context[conditions["context_id"].numpy()])
+        out["batch_id"] = torch.from_numpy(self.batch[conditions["batch_id"].numpy()])
+        parts = conditions["parts"].numpy()
+        mapped = np.where(parts >= 0, self.part[np.clip(parts, 0, None)], -1)
+        out["parts"] = torch.from_numpy(mapped)
+        return out
+
+
+def model_predictor(model, vocab_map: VocabularyMap, steps: int = 1, solver: str = "euler", max_sets: int = 64):
+    """A Predictor running `model.predict` on chunks of at most `max_sets` sets."""
+
+    def predict(ctrl: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        cond = vocab_map(conditions)
+        outs = []
+        for lo in range(0, ctrl.shape[0], max_sets):
+            sl = slice(lo, lo + max_sets)
+            outs.append(model.predict(ctrl[sl], {k: v[sl] for k, v in cond.items()}, steps=steps, solver=solver))
+        return torch.cat(outs)
+
+    return predict

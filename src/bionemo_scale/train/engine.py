@@ -1,0 +1,307 @@
+"""Build and run a SCALE training job on NeMo 2 (`nl.Trainer` + `MegatronStrategy`).
+
+The same code runs on CPU (gloo, the CPU shim from `bionemo_scale.parallel`) and on GPU
+(NCCL, bf16, Transformer Engine FP8). A run directory holds everything needed to resume,
+predict and export:
+
+    RUN/config.yaml       the validated ScaleConfig (vocabulary sizes filled in)
+    RUN/vocab.json        genes, perturbations, parts, contexts, batches, normalisation
+    RUN/checkpoints/      NeMo/megatron distributed checkpoints (interval, best, last)
+    RUN/tb/               TensorBoard logs
+    RUN/logs/             NeMo's own logs
+    RUN/train_loss.csv    the loss of every optimizer step (stop-and-go tests read it)
+    RUN/metrics/          per-validation per-perturbation metric CSVs (validation callback)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from bionemo_scale.config import ScaleConfig, dump_yaml
+from bionemo_scale.errors import ScaleError
+from bionemo_scale.parallel import optimizer_device_flags, patch_nemo_for_cpu
+from bionemo_scale.train import nemo_compat
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_accelerator(cfg: ScaleConfig) -> str:
+    acc = cfg.trainer.accelerator
+    if acc == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if acc == "gpu" and not torch.cuda.is_available():
+        raise ScaleError("trainer.accelerator=gpu but no CUDA device is visible", "use trainer.accelerator=cpu")
+    return acc
+
+
+def check_world(cfg: ScaleConfig) -> None:
+    """devices × nodes must equal TP × PP × DP, and a torchrun launch must agree with the config."""
+    t = cfg.trainer
+    world = t.devices * t.num_nodes
+    tp, pp = t.tensor_model_parallel_size, t.pipeline_model_parallel_size
+    if world % (tp * pp):
+        raise ScaleError(
+            f"devices × nodes = {world} is not TP × PP × DP for TP={tp}, PP={pp}",
+            "set trainer.devices so that devices × num_nodes is a multiple of TP × PP",
+        )
+    env_world = os.environ.get("WORLD_SIZE")
+    if env_world and int(env_world) != world:
+        raise ScaleError(
+            f"launched with WORLD_SIZE={env_world} but the config asks for devices × nodes = {world}",
+            "make trainer.devices × trainer.num_nodes equal the number of launched processes",
+        )
+
+
+def data_vocabulary(data_path: str) -> dict[str, object]:
+    """The run's data contract: what a checkpoint's rows and ids mean."""
+    from bionemo_scale.data.store import ProcessedDataset
+
+    data = ProcessedDataset(data_path)
+    idx = data.index
+    return {
+        "genes": data.genes,
+        "control_label": idx.control_label,
+        "perturbations": idx.perturbations,
+        "pert_parts": idx.pert_parts,
+        "parts": idx.parts,
+        "contexts": idx.contexts,
+        "batches": idx.batches,
+        "combo_sep": idx.combo_sep,
+        "normalisation": data.manifest.get("normalisation", {}),
+        "dataset": data.dataset_name,
+    }
+
+
+def with_vocabulary(cfg: ScaleConfig, vocab: dict[str, object]) -> ScaleConfig:
+    model = cfg.model.model_copy(
+        update={
+            "n_genes": len(vocab["genes"]),
+            "n_parts": len(vocab["parts"]),
+            "n_contexts": len(vocab["contexts"]),
+            "n_batches": len(vocab["batches"]),
+        }
+    )
+    return cfg.model_copy(update={"model": model})
+
+
+class LossHistory(pl.Callback):
+    """Append (step, loss) of every optimizer step to RUN/train_loss.csv from one logging rank."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from megatron.core import parallel_state
+
+        if not (
+            parallel_state.is_pipeline_last_stage()
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0
+        ):
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "loss"])
+            writer.writerow([trainer.global_step, f"{float(loss):.10g}"])
+
+
+def build_optimizer(cfg: ScaleConfig):
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo.lightning.pytorch.optim import CosineAnnealingScheduler, MegatronOptimizerModule
+
+    o = cfg.optim
+    bf16 = cfg.trainer.precision == "bf16-mixed"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        clip_grad=o.clip_grad,
+        params_dtype=dtype,
+        **optimizer_device_flags(resolve_accelerator(cfg) == "cpu", params_dtype=dtype),
+    )
+    scheduler = CosineAnnealingScheduler(
+        max_steps=cfg.trainer.max_steps, warmup_steps=o.warmup_steps, constant_steps=0, min_lr=o.min_lr
+    )
+    return MegatronOptimizerModule(config=config, lr_scheduler=scheduler)
+
+
+def build_trainer(cfg: ScaleConfig, run_dir: Path, extra_callbacks: list[pl.Callback] | None = None):
+    """(trainer, nemo_logger, auto_resume) for this config."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from nemo import lightning as nl
+    from nemo.lightning.pytorch.callbacks import ModelCheckpoint
+
+    accelerator = resolve_accelerator(cfg)
+    if accelerator == "cpu":
+        patch_nemo_for_cpu()
+    nemo_compat.apply()
+    t, ck = cfg.trainer, cfg.checkpoint
+    pipeline_dtype = torch.bfloat16 if t.precision == "bf16-mixed" else torch.float32
+    strategy = nl.MegatronStrategy(
+        tensor_model_parallel_size=t.tensor_model_parallel_size,
+        pipeline_model_parallel_size=t.pipeline_model_parallel_size,
+        pipeline_dtype=pipeline_dtype,
+        ckpt_async_save=False,
+        ckpt_parallel_save=False,
+        ckpt_load_strictness="log_all",
+    )
+    plugins = nl.MegatronMixedPrecision(
+        precision=t.precision, params_dtype=pipeline_dtype, pipeline_dtype=pipeline_dtype
+    )
+    checkpoint = ModelCheckpoint(
+        monitor=ck.monitor,
+        mode=ck.mode,
+        save_top_k=ck.save_top_k,
+        save_last=ck.save_last,
+        every_n_train_steps=ck.every_n_train_steps,
+        dirpath=str(run_dir / "checkpoints"),
+        filename="{step}-{consumed_samples}",
+        always_save_context=False,
+        save_context_on_train_end=False,
+        save_optim_on_train_end=True,  # the final checkpoint must stay resumable (extend max_steps)
+    )
+    # The checkpoint callback goes straight to the Trainer (not through NeMoLogger(ckpt=...)):
+    # NeMoLogger's hand-over probes nvidia-resiliency-ext, which is not installed here.
+    callbacks: list[pl.Callback] = [checkpoint, LossHistory(run_dir / "train_loss.csv"), *(extra_callbacks or [])]
+    trainer = nl.Trainer(
+        accelerator=accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        plugins=plugins,
+        max_steps=t.max_steps,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        enable_progress_bar=True,
+        callbacks=callbacks,
+        deterministic=False,
+    )
+    # NeMoLogger moves every top-level file of its log dir into run_N/ on each start, so it
+    # gets a subdirectory of its own; config, vocab, losses and checkpoints stay put.
+    nemo_logger = nl.NeMoLogger(
+        explicit_log_dir=str(run_dir / "logs"),
+        tensorboard=TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""),
+        ckpt=None,
+        update_logger_directory=False,
+    )
+    resume = nl.AutoResume(
+        resume_if_exists=True, resume_ignore_no_checkpoint=True, resume_from_directory=str(run_dir / "checkpoints")
+    )
+    return trainer, nemo_logger, resume
+
+
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "ffn_hidden_size",
+    "encoder_hidden_size",
+    "use_control_stats",
+    "pert_feature_dim",
+    "latent_residual",
+    "gene_residual",
+)
+
+
+def prepare_run(
+    cfg: ScaleConfig, run_dir: Path, gene_map: dict[str, str] | None = None
+) -> tuple[ScaleConfig, dict[str, object]]:
+    """Fill in the vocabulary (extended from the release when fine-tuning).
+
+    A resumed run must see the same genes; a fine-tuning run takes the release's architecture.
+    """
+    vocab = data_vocabulary(cfg.data.path)  # type: ignore[arg-type]
+    if cfg.init_from:
+        from bionemo_scale.registry import resolve
+        from bionemo_scale.train.finetune import extend_vocabulary
+        from bionemo_scale.train.release import read_release_meta
+
+        release_dir = resolve(cfg.init_from)
+        rel_cfg, rel_vocab = read_release_meta(release_dir)
+        if gene_map:
+            renamed = [gene_map.get(g, g) for g in vocab["genes"]]  # type: ignore[union-attr]
+            missing = sorted(set(rel_vocab["genes"]) - set(renamed))  # type: ignore[arg-type]
+            if missing:
+                raise ScaleError(
+                    f"{len(missing)} release genes are absent from the data after --gene-map, e.g. {missing[:5]}",
+                    "extend the gene map, or preprocess data that measures these genes",
+                )
+            vocab["genes"] = list(rel_vocab["genes"])  # type: ignore[arg-type]
+        vocab = extend_vocabulary(rel_vocab, vocab)
+        arch = {f: getattr(rel_cfg.model, f) for f in ARCHITECTURE_FIELDS}
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=arch), "init_from": str(release_dir)})
+    cfg = with_vocabulary(cfg, vocab)
+    vocab_path = run_dir / "vocab.json"
+    if vocab_path.exists():
+        old = json.loads(vocab_path.read_text())
+        if old["genes"] != vocab["genes"]:
+            raise ScaleError(
+                f"{run_dir} was trained on a different gene list than {cfg.data.path}",
+                "resume with the same dataset, or start a new --output run",
+            )
+    return cfg, vocab
+
+
+def write_run_files(cfg: ScaleConfig, vocab: dict[str, object], run_dir: Path) -> None:
+    """config.yaml and vocab.json, written once by global rank 0 (after NeMoLogger set the dir up)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (run_dir / "vocab.json").write_text(json.dumps(vocab))
+
+
+def train(
+    cfg: ScaleConfig,
+    run_dir: str | Path,
+    extra_callbacks: list[pl.Callback] | None = None,
+    gene_map: dict[str, str] | None = None,
+) -> Path:
+    """Train, fine-tune (cfg.init_from) or resume into `run_dir`; returns the run directory."""
+    from nemo.lightning.pytorch.callbacks import ModelCheckpoint  # noqa: F401 - fail early if NeMo is broken
+
+    from bionemo_scale.train.data import ScaleDataModule
+    from bionemo_scale.train.module import ScaleLightningModule
+
+    run_dir = Path(run_dir)
+    check_world(cfg)
+    if resolve_accelerator(cfg) == "cpu" and cfg.model.spec == "te":
+        raise ScaleError("model.spec=te needs Transformer Engine on a GPU", "use model.spec=local on CPU")
+    cfg, vocab = prepare_run(cfg, run_dir, gene_map)
+    pl.seed_everything(cfg.trainer.seed, workers=True)
+    torch.use_deterministic_algorithms(cfg.trainer.deterministic, warn_only=True)
+
+    callbacks = list(extra_callbacks or [])
+    if cfg.eval.enabled:
+        from bionemo_scale.eval.callback import BiologicalMetricsCallback
+
+        callbacks.append(BiologicalMetricsCallback.from_config(cfg, run_dir))
+    module = ScaleLightningModule(cfg, optim=build_optimizer(cfg), run_vocab=vocab, init_from=cfg.init_from)
+    datamodule = ScaleDataModule(cfg, seq_length=module.seq_length, run_vocab=vocab, gene_map=gene_map)
+    trainer, nemo_logger, resume = build_trainer(cfg, run_dir, callbacks)
+    if datamodule.val_groups.size == 0:
+        logger.warning("the split has no validation pairs: validation and metric-based checkpointing are off")
+        trainer.limit_val_batches = 0
+    nemo_logger.setup(trainer, resume_if_exists=True)
+    write_run_files(cfg, vocab, run_dir)
+    resume.setup(trainer, module)
+    trainer.fit(module, datamodule=datamodule)
+    return run_dir

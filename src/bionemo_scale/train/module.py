@@ -1,0 +1,159 @@
+"""The NeMo 2 LightningModule for SCALE and its Megatron loss reductions.
+
+NeMo's MegatronStrategy drives megatron's pipeline schedules through four hooks:
+`configure_model` builds this rank's pipeline stage, `data_step` turns a dataloader item into
+the microbatch every stage sees, `forward_step` runs the stage, and the loss reduction turns
+the last stage's output into the loss (per microbatch) and the logged value (per step).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+
+import lightning.pytorch as pl
+import torch
+from megatron.core import parallel_state
+from nemo.lightning.megatron_parallel import MegatronLossReduction
+
+from bionemo_scale.config import FlowConfig, ScaleConfig
+from bionemo_scale.model.batch import prepare_flow_batch
+from bionemo_scale.model.objective import loss_terms
+from bionemo_scale.model.scale_model import CONDITION_KEYS, ScaleModel, ScaleOutput
+from bionemo_scale.model.transformer_config import build_transformer_config
+
+logger = logging.getLogger(__name__)
+
+TERM_NAMES = ("endpoint", "gene", "reconstruction", "distribution")
+
+
+class ScaleLossReduction(MegatronLossReduction):
+    """Mean per-set loss of a microbatch; the logged value is averaged over data-parallel ranks."""
+
+    def __init__(self, flow: FlowConfig, validation: bool = False) -> None:
+        super().__init__()
+        self.flow = flow
+        self.validation = validation
+        self.last_terms: dict[str, float] = {}
+
+    def forward(self, batch: dict[str, torch.Tensor], forward_out: ScaleOutput):
+        terms = loss_terms(forward_out, batch["ctrl"], batch["pert"], self.flow)
+        loss = terms["loss"].mean()
+        logged = torch.stack([loss.detach()] + [terms[k].mean().detach() for k in TERM_NAMES])
+        return loss, {"avg": logged}
+
+    def reduce(self, losses_reduced_per_micro_batch: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+        if not losses_reduced_per_micro_batch:
+            return torch.tensor(0.0)
+        stacked = torch.stack([d["avg"] for d in losses_reduced_per_micro_batch]).mean(dim=0)
+        if parallel_state.get_data_parallel_world_size() > 1:
+            torch.distributed.all_reduce(stacked, group=parallel_state.get_data_parallel_group())
+            stacked = stacked / parallel_state.get_data_parallel_world_size()
+        self.last_terms = {name: float(v) for name, v in zip(("loss", *TERM_NAMES), stacked.tolist(), strict=True)}
+        return stacked[0]
+
+
+class ScaleLightningModule(pl.LightningModule):
+    """SCALE under NeMo's MegatronStrategy (TP/PP/DP, bf16, TE FP8 where present)."""
+
+    def __init__(
+        self,
+        cfg: ScaleConfig,
+        optim: object | None = None,
+        run_vocab: dict[str, object] | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.run_vocab = run_vocab
+        self.init_from = init_from
+        # NeMo's strategy and precision plugin read and update `config` (dtypes, fp8) before
+        # `configure_model` builds the stage from it.
+        self.config = build_transformer_config(
+            cfg.model, cfg.trainer.tensor_model_parallel_size, cfg.trainer.pipeline_model_parallel_size
+        )
+        self.optim = optim
+        if optim is not None:
+            optim.connect(self)  # binds configure_optimizers
+        self._train_reduction = ScaleLossReduction(cfg.flow)
+        self._val_reduction = ScaleLossReduction(cfg.flow, validation=True)
+
+    # -- model ---------------------------------------------------------------------------------
+    def configure_model(self, vp_stage: int | None = None) -> None:
+        if hasattr(self, "module"):
+            return
+        self.module = ScaleModel(
+            self.config,
+            self.cfg.model,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+        if self.init_from:
+            from bionemo_scale.train.finetune import init_from_release
+
+            init_from_release(self.module, self.init_from, self.run_vocab or {})
+
+    @property
+    def seq_length(self) -> int:
+        """Sequence length of the activations exchanged between pipeline stages (T + 3S)."""
+        return 4 + int(self.cfg.model.use_control_stats) + 3 * self.cfg.data.sampler.set_size
+
+    def forward(
+        self,
+        ctrl: torch.Tensor,
+        t: torch.Tensor,
+        conditions: dict[str, torch.Tensor],
+        pert: torch.Tensor | None = None,
+    ) -> ScaleOutput | torch.Tensor:
+        return self.module(ctrl, t, conditions, pert)
+
+    # -- NeMo hooks ----------------------------------------------------------------------------
+    def data_step(self, dataloader_iter: Iterator) -> dict[str, torch.Tensor]:
+        batch = next(dataloader_iter)
+        if isinstance(batch, tuple) and len(batch) == 3:  # (batch, batch_idx, dataloader_idx)
+            batch = batch[0]
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        training = self.trainer is not None and self.trainer.training
+        return prepare_flow_batch(
+            batch,
+            self.cfg.flow,
+            seed=self.cfg.trainer.seed,
+            context_dropout=self.cfg.model.context_dropout if training else 0.0,
+            unknown_context=self.cfg.model.n_contexts,
+            training=True,  # validation loss is teacher-forced on the same kind of t
+        )
+
+    def forward_step(self, batch: dict[str, torch.Tensor]) -> ScaleOutput | torch.Tensor:
+        conditions = {k: batch[k] for k in CONDITION_KEYS}
+        if "pert_features" in batch:
+            conditions["pert_features"] = batch["pert_features"]
+        return self(batch["ctrl"], batch["t"], conditions, batch["pert"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int | None = None):
+        return self.forward_step(batch)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int | None = None):
+        return self.forward_step(batch)
+
+    @property
+    def training_loss_reduction(self) -> ScaleLossReduction:
+        return self._train_reduction
+
+    @property
+    def validation_loss_reduction(self) -> ScaleLossReduction:
+        return self._val_reduction
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        terms = self._train_reduction.last_terms
+        if terms and parallel_state.is_pipeline_last_stage():
+            for name in TERM_NAMES:
+                self.log(f"train/{name}", terms[name], batch_size=1, rank_zero_only=True)
+
+    # -- helpers for callbacks and prediction --------------------------------------------------
+    def unwrapped_model(self) -> ScaleModel:
+        """The ScaleModel inside any DDP/Float16 wrappers NeMo added."""
+        module = self.module
+        while not isinstance(module, ScaleModel) and hasattr(module, "module"):
+            module = module.module
+        return module

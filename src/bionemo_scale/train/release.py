@@ -1,0 +1,244 @@
+"""Checkpoints in, portable releases out, and releases back in for prediction and fine-tuning.
+
+A *run* holds NeMo/megatron distributed checkpoints (any TP/PP). A *release* is what users
+download and fine-tune from, with no pickle anywhere:
+
+    RELEASE/model.safetensors   full (unsharded) weights
+    RELEASE/config.yaml         the ScaleConfig it was trained with
+    RELEASE/vocab.json          genes, perturbations (+parts), contexts, batches
+    RELEASE/genes.txt           the gene panel, one per line
+    RELEASE/normalisation.json  what preprocessing did to the counts
+    RELEASE/MODEL_CARD.md       data, recipe, intended use and limits
+
+Full weights are loaded into a tensor-parallel model by slicing each parameter along the
+offsets of megatron's own sharded state dict, so a release trained at TP=1 fine-tunes at
+TP=2 (and back) without a conversion script.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bionemo_scale.atomic import atomic_dir
+from bionemo_scale.config import ScaleConfig, dump_yaml, load_yaml, validate_config
+from bionemo_scale.errors import ScaleError
+
+logger = logging.getLogger(__name__)
+
+RELEASE_FILES = ("model.safetensors", "config.yaml", "vocab.json")
+MODEL_PREFIX = "module."
+
+
+# -- run checkpoints ---------------------------------------------------------------------------
+def find_checkpoint(run_dir: str | Path, which: str = "last") -> Path:
+    """The `weights` directory of a run's last (or best-by-monitor) distributed checkpoint."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    if not ckpt_root.is_dir():
+        raise ScaleError(f"{run_dir} has no checkpoints/ directory", "train first, or point to a release")
+    done = [d for d in ckpt_root.iterdir() if d.is_dir() and not d.name.endswith("-unfinished")]
+    done = [d for d in done if (d / "weights" / "metadata.json").exists()]
+    if not done:
+        raise ScaleError(
+            f"{ckpt_root} holds no finished checkpoint", "train longer than checkpoint.every_n_train_steps"
+        )
+
+    def step(d: Path) -> int:
+        part = next((p for p in d.name.split("-") if p.startswith("step=")), "step=-1")
+        return int(part.split("=")[1])
+
+    if which == "last":
+        last = [d for d in done if d.name.endswith("-last")] or done
+        return max(last, key=step) / "weights"
+    best = [d for d in done if not d.name.endswith("-last")] or done
+    return max(best, key=step) / "weights"
+
+
+def read_run_config(run_dir: str | Path) -> tuple[ScaleConfig, dict[str, object]]:
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "vocab.json"):
+        if not (run_dir / name).exists():
+            raise ScaleError(f"{run_dir} has no {name}", "point to a run directory made by `bionemo-scale train`")
+    cfg = validate_config(ScaleConfig, load_yaml(run_dir / "config.yaml"), f"{run_dir}/config.yaml")
+    return cfg, json.loads((run_dir / "vocab.json").read_text())  # type: ignore[return-value]
+
+
+def _single_process_model(cfg: ScaleConfig):
+    """A TP=1, PP=1 ScaleModel in this process (initialising torch.distributed if needed)."""
+    from bionemo_scale.model.scale_model import ScaleModel
+    from bionemo_scale.model.transformer_config import build_transformer_config
+    from bionemo_scale.parallel import init_distributed
+
+    init_distributed(1, 1, seed=cfg.trainer.seed)
+    model_cfg = cfg.model.model_copy(update={"fp8": None}) if not torch.cuda.is_available() else cfg.model
+    if not torch.cuda.is_available() and model_cfg.spec == "te":
+        model_cfg = model_cfg.model_copy(update={"spec": "local"})
+    model = ScaleModel(build_transformer_config(model_cfg, 1, 1), model_cfg)
+    return model.eval()
+
+
+def load_run_model(run_dir: str | Path, which: str = "last"):
+    """(model, cfg, vocab) from a run's distributed checkpoint, resharded to TP=1/PP=1."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    cfg, vocab = read_run_config(run_dir)
+    weights = find_checkpoint(run_dir, which)
+    model = _single_process_model(cfg)
+    sharded = model.sharded_state_dict(prefix=MODEL_PREFIX)
+    sharded = {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
+    loaded = dist_checkpointing.load(sharded, str(weights), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    state = {k.removeprefix(MODEL_PREFIX): v for k, v in loaded.items()}
+    missing, _unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise ScaleError(f"checkpoint {weights} lacks weights {missing[:3]}", "point to a SCALE run")
+    logger.info("loaded %s (%d tensors)", weights, len(state))
+    return model, cfg, vocab
+
+
+# -- releases --------------------------------------------------------------------------------
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def model_card(cfg: ScaleConfig, vocab: dict[str, object], source: str) -> str:
+    m = cfg.model
+    return f"""# SCALE release: {cfg.name}
+
+Set-aware conditional flow for single-cell perturbation response (bionemo-scale).
+
+| | |
+|---|---|
+| trained from | `{source}` |
+| recipe | `{cfg.name}` |
+| data | {vocab.get("dataset", "?")}: {len(vocab["genes"])} genes, {len(vocab["perturbations"]) - 1} perturbations, {len(vocab["contexts"])} contexts, {len(vocab["batches"])} batches |
+| normalisation | {vocab.get("normalisation", {}).get("applied", "?")} (stored as log1p) |
+| architecture | hidden {m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads} heads, spec `{m.spec}`, set size {cfg.data.sampler.set_size} |
+| training | {cfg.trainer.max_steps} steps, lr {cfg.optim.lr}, seed {cfg.trainer.seed} |
+
+## Intended use
+Predict the expression of a population of cells under a perturbation in a context, from that
+context's control cells. Inputs must be log1p(normalize_total(1e4)) expression over exactly the
+genes in `genes.txt`, in that order. Fine-tune (`bionemo-scale finetune --from`) for new
+perturbations, contexts or batches: the vocabularies are extended, the genes must match.
+
+## Limits
+Judge predictions with biological metrics against the baselines (`bionemo-scale evaluate`),
+never by loss alone. Contexts never seen in training are predicted from their control cells
+only (the unknown-context token); such zero-shot predictions are weaker.
+"""
+
+
+def export_release(run_dir: str | Path, out: str | Path, which: str = "last", overwrite: bool = False) -> Path:
+    model, cfg, vocab = load_run_model(run_dir, which)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "bionemo-scale/1"})
+        (tmp / "config.yaml").write_text(dump_yaml(cfg))
+        (tmp / "vocab.json").write_text(json.dumps(vocab, indent=1))
+        (tmp / "genes.txt").write_text("\n".join(vocab["genes"]) + "\n")  # type: ignore[arg-type]
+        (tmp / "normalisation.json").write_text(json.dumps(vocab.get("normalisation", {}), indent=1))
+        (tmp / "MODEL_CARD.md").write_text(model_card(cfg, vocab, str(find_checkpoint(run_dir, which))))
+    logger.info("exported %s -> %s", run_dir, out)
+    return Path(out)
+
+
+def read_release_meta(path: str | Path) -> tuple[ScaleConfig, dict[str, object]]:
+    """(config, vocab) of a release directory, without touching the weights."""
+    path = Path(path)
+    missing = [f for f in RELEASE_FILES if not (path / f).exists()]
+    if missing:
+        raise ScaleError(f"{path} is not a SCALE release (missing {missing})", "run `bionemo-scale export RUN OUT`")
+    cfg = validate_config(ScaleConfig, load_yaml(path / "config.yaml"), f"{path}/config.yaml")
+    return cfg, json.loads((path / "vocab.json").read_text())  # type: ignore[return-value]
+
+
+def read_release(path: str | Path) -> tuple[ScaleConfig, dict[str, object], dict[str, torch.Tensor]]:
+    """(config, vocab, full weights) of a release directory; safetensors only, no pickle."""
+    path = Path(path)
+    cfg, vocab = read_release_meta(path)
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+    except Exception as exc:
+        raise ScaleError(f"{path}/model.safetensors is corrupt ({exc.__class__.__name__})", "re-download it") from None
+    return cfg, vocab, weights  # type: ignore[return-value]
+
+
+def load_release_model(path: str | Path):
+    """(model, cfg, vocab) ready for prediction from a release directory."""
+    cfg, vocab, weights = read_release(path)
+    model = _single_process_model(cfg)
+    load_full_weights(model, weights)
+    return model, cfg, vocab
+
+
+def load_model(source: str | Path):
+    """A run directory or a release directory, whichever `source` is."""
+    source = Path(source)
+    if (source / "model.safetensors").exists():
+        return load_release_model(source)
+    return load_run_model(source)
+
+
+# -- full weights into (possibly) sharded models ----------------------------------------------
+def load_full_weights(model: torch.nn.Module, full: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Copy full tensors into this rank's shards, using megatron's sharding metadata.
+
+    Every parameter's ShardedTensor says where its local shard sits in the global tensor
+    (global offset + local shape; SwiGLU's fused fc1 is two such pieces), so the same code loads
+    a TP=1 release into TP=1, TP=2 or TP=4 models.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    sharded = model.sharded_state_dict(prefix=prefix)
+    local_names = {k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    done: set[str] = set()
+    for name, item in sharded.items():
+        local = name.removeprefix(prefix)
+        if local.endswith("_extra_state"):
+            continue
+        pieces = item.build() if isinstance(item, ShardedTensorFactory) else item
+        for piece in _flat(pieces):
+            if not isinstance(piece, ShardedTensor):
+                continue
+            src = full.get(_global_name(local, piece))
+            if src is None:
+                raise ScaleError(f"release lacks weight '{local}'", "use a release of the same architecture")
+            region = src
+            for axis, (offset, size) in enumerate(zip(_data_offsets(piece), piece.local_shape, strict=True)):
+                region = region.narrow(axis, offset, size)
+            with torch.no_grad():
+                piece.data.copy_(region.to(piece.data.dtype))  # the pieces are views of this rank's shard
+        done.add(local)
+    not_loaded = sorted(local_names - done)
+    if not_loaded:
+        raise ScaleError(f"weights {not_loaded[:3]} were not in the release", "use a release of the same architecture")
+
+
+def _flat(tree: object):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _flat(v)
+    elif isinstance(tree, list | tuple):
+        for v in tree:
+            yield from _flat(v)
+    else:
+        yield tree
+
+
+def _global_name(local: str, piece) -> str:
+    """Under PP a stage numbers its layers from 0; the release uses global layer numbers."""
+    if piece.prepend_axis_num == 0 or ".layers." not in local:
+        return local
+    head, _, tail = local.partition(".layers.")
+    _, _, rest = tail.partition(".")
+    return f"{head}.layers.{piece.global_offset[0]}.{rest}"
+
+
+def _data_offsets(piece) -> tuple[int, ...]:
+    """Element offsets of a shard along its data axes (megatron prepends a layer axis to stack layers)."""
+    return tuple(piece.global_offset[piece.prepend_axis_num :])
