@@ -12,6 +12,7 @@ Index `n` (one past the vocabulary) of each embedding is reserved for "unknown".
 from __future__ import annotations
 
 import torch
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
@@ -21,11 +22,14 @@ from bionemo_scale.model.layers import ParallelMLP, sinusoidal_features
 TIME_FEATURES = 64
 
 
-class ConditionTokens(nn.Module):
-    """Build the [T, B, H] condition tokens of a batch of set pairs."""
+class ConditionTokens(MegatronModule):
+    """Build the [T, B, H] condition tokens of a batch of set pairs.
+
+    A MegatronModule so that checkpointing recurses into its tensor-parallel `stats` MLP.
+    """
 
     def __init__(self, cfg: ScaleModelConfig, tconfig: TransformerConfig) -> None:
-        super().__init__()
+        super().__init__(config=tconfig)
         h = cfg.hidden_size
         self.cfg = cfg
         self.part_emb = nn.Embedding(cfg.n_parts + 1, h)

@@ -12,14 +12,19 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-class ParallelMLP(torch.nn.Module):
-    """in → width (column-parallel) → SiLU → out (row-parallel), no biases."""
+class ParallelMLP(MegatronModule):
+    """in → width (column-parallel) → SiLU → out (row-parallel), no biases.
+
+    A MegatronModule, not a plain nn.Module: megatron's default sharded_state_dict treats the
+    children of plain modules as replicated, which would checkpoint only one TP shard.
+    """
 
     def __init__(self, config: TransformerConfig, in_features: int, width: int, out_features: int) -> None:
-        super().__init__()
+        super().__init__(config=config)
         self.fc_in = tensor_parallel.ColumnParallelLinear(
             in_features, width, config=config, init_method=config.init_method, bias=False, gather_output=False
         )

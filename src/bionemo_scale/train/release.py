@@ -102,10 +102,6 @@ def load_run_model(run_dir: str | Path, which: str = "last"):
 
 
 # -- releases --------------------------------------------------------------------------------
-def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-
-
 def model_card(cfg: ScaleConfig, vocab: dict[str, object], source: str) -> str:
     m = cfg.model
     return f"""# SCALE release: {cfg.name}
@@ -137,7 +133,7 @@ only (the unknown-context token); such zero-shot predictions are weaker.
 def export_release(run_dir: str | Path, out: str | Path, which: str = "last", overwrite: bool = False) -> Path:
     model, cfg, vocab = load_run_model(run_dir, which)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file(_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "bionemo-scale/1"})
+        save_file({k: v.contiguous() for k, v in full_state(model).items()}, str(tmp / "model.safetensors"), metadata={"format": "bionemo-scale/1"})
         (tmp / "config.yaml").write_text(dump_yaml(cfg))
         (tmp / "vocab.json").write_text(json.dumps(vocab, indent=1))
         (tmp / "genes.txt").write_text("\n".join(vocab["genes"]) + "\n")  # type: ignore[arg-type]
@@ -184,39 +180,66 @@ def load_model(source: str | Path):
     return load_run_model(source)
 
 
-# -- full weights into (possibly) sharded models ----------------------------------------------
-def load_full_weights(model: torch.nn.Module, full: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Copy full tensors into this rank's shards, using megatron's sharding metadata.
-
-    Every parameter's ShardedTensor says where its local shard sits in the global tensor
-    (global offset + local shape; SwiGLU's fused fc1 is two such pieces), so the same code loads
-    a TP=1 release into TP=1, TP=2 or TP=4 models.
-    """
+# -- full weights <-> (possibly) sharded models -------------------------------------------------
+# A release names every tensor by its *canonical* name: megatron's checkpoint key (which the
+# local and TE specs share) with the global layer index put back, e.g.
+# "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight". Each rank's ShardedTensors
+# say where their data sits in that full tensor, so one pair of functions serves every
+# TP/PP layout and both layer specs.
+def _pieces(model: torch.nn.Module):
+    """(canonical name, ShardedTensor) for every weight shard this rank holds."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    sharded = model.sharded_state_dict(prefix=prefix)
-    local_names = {k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    done: set[str] = set()
-    for name, item in sharded.items():
-        local = name.removeprefix(prefix)
-        if local.endswith("_extra_state"):
+    for name, item in model.sharded_state_dict(prefix="").items():
+        if name.endswith("_extra_state"):
             continue
-        pieces = item.build() if isinstance(item, ShardedTensorFactory) else item
-        for piece in _flat(pieces):
-            if not isinstance(piece, ShardedTensor):
-                continue
-            src = full.get(_global_name(local, piece))
-            if src is None:
-                raise ScaleError(f"release lacks weight '{local}'", "use a release of the same architecture")
-            region = src
-            for axis, (offset, size) in enumerate(zip(_data_offsets(piece), piece.local_shape, strict=True)):
-                region = region.narrow(axis, offset, size)
-            with torch.no_grad():
-                piece.data.copy_(region.to(piece.data.dtype))  # the pieces are views of this rank's shard
-        done.add(local)
-    not_loaded = sorted(local_names - done)
-    if not_loaded:
-        raise ScaleError(f"weights {not_loaded[:3]} were not in the release", "use a release of the same architecture")
+        built = item.build() if isinstance(item, ShardedTensorFactory) else item
+        for piece in _flat(built):
+            if isinstance(piece, ShardedTensor):
+                yield _canonical_name(piece), piece
+
+
+def _canonical_name(piece) -> str:
+    if piece.prepend_axis_num == 0:
+        return piece.key
+    head, sep, tail = piece.key.partition(".layers.")
+    return f"{head}.layers.{piece.global_offset[0]}.{tail}" if sep else piece.key
+
+
+def _region(full: torch.Tensor, piece) -> torch.Tensor:
+    region = full
+    offsets = piece.global_offset[piece.prepend_axis_num :]
+    for axis, (offset, size) in enumerate(zip(offsets, piece.local_shape, strict=True)):
+        region = region.narrow(axis, offset, size)
+    return region
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full tensors by canonical name, assembled from this rank's shards (complete at TP=PP=1)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, piece in _pieces(model):
+        shape = tuple(piece.global_shape[piece.prepend_axis_num :])
+        if name not in out:
+            out[name] = torch.zeros(shape, dtype=piece.data.dtype)
+        _region(out[name], piece).copy_(piece.data.detach().cpu())
+    return out
+
+
+def load_full_weights(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into this rank's shards (the shards are views of its parameters)."""
+    loaded = 0
+    for name, piece in _pieces(model):
+        src = full.get(name)
+        if src is None:
+            raise ScaleError(f"release lacks weight '{name}'", "use a release of the same architecture")
+        region = _region(src, piece)
+        if tuple(region.shape) != tuple(piece.data.shape):
+            raise ScaleError(f"release weight '{name}' has the wrong shape", "use a release of the same architecture")
+        with torch.no_grad():
+            piece.data.copy_(region.to(piece.data.dtype))
+        loaded += 1
+    if loaded == 0:
+        raise ScaleError("no weight of the model matched the release", "use a release of the same architecture")
 
 
 def _flat(tree: object):
@@ -228,17 +251,3 @@ def _flat(tree: object):
             yield from _flat(v)
     else:
         yield tree
-
-
-def _global_name(local: str, piece) -> str:
-    """Under PP a stage numbers its layers from 0; the release uses global layer numbers."""
-    if piece.prepend_axis_num == 0 or ".layers." not in local:
-        return local
-    head, _, tail = local.partition(".layers.")
-    _, _, rest = tail.partition(".")
-    return f"{head}.layers.{piece.global_offset[0]}.{rest}"
-
-
-def _data_offsets(piece) -> tuple[int, ...]:
-    """Element offsets of a shard along its data axes (megatron prepends a layer axis to stack layers)."""
-    return tuple(piece.global_offset[piece.prepend_axis_num :])
