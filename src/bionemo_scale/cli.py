@@ -122,6 +122,31 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from bionemo_scale.eval.evaluate import parse_baselines, run_evaluate
+
+    out = run_evaluate(
+        args.pred,
+        args.real,
+        args.pert_col,
+        args.control,
+        args.output,
+        context_col=args.context_col,
+        profile=args.profile,
+        baselines=parse_baselines(args.baseline),
+        overwrite=args.overwrite,
+        report=not args.no_report,
+        references=False if args.no_references else None,
+        write_de=args.write_de,
+        fdr=args.fdr,
+        progress=not args.quiet,
+        threads=args.threads,
+    )
+    print(f"wrote {args.output}: results.csv, agg_results.csv" + (", report.md" if not args.no_report else ""))
+    del out
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from bionemo_scale.demo import run_demo
 
@@ -379,6 +404,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_cmd_baseline)
+
+    p = sub.add_parser("evaluate", help="cell-eval metrics of PRED vs REAL, results.csv + report.md")
+    p.add_argument("--pred", required=True, help="predicted cells (.h5ad), with control cells")
+    p.add_argument("--real", required=True, help="real cells (.h5ad), with control cells")
+    p.add_argument("--pert-col", required=True)
+    p.add_argument("--control", required=True)
+    p.add_argument("--context-col", help="evaluate each context against its own controls")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--profile", default="full", choices=["full", "minimal", "vcc", "de", "anndata", "fast"])
+    p.add_argument("--baseline", action="append", help="NAME=PRED.h5ad, scored the same way (repeatable)")
+    p.add_argument("--no-report", action="store_true", help="only results.csv and agg_results.csv")
+    p.add_argument("--no-references", action="store_true", help="skip the degenerate control-mean/all-zeros rows")
+    p.add_argument("--write-de", action="store_true", help="also write real_de.csv and pred_de.csv")
+    p.add_argument("--fdr", type=float, default=0.05)
+    p.add_argument("--threads", type=int, help="torch threads while scoring")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="the end-to-end demo on the bundled Norman19/McFaline23 data")
     p.add_argument("--output", default="demo_out")

@@ -202,6 +202,7 @@ class EvalConfig(StrictModel):
     max_pairs: int | None = Field(None, description="cap on validation pairs per evaluation")
     cells_per_pair: int | None = Field(None, description="predicted cells per pair (default: as many as real)")
     steps: int = Field(1, ge=1, description="NFE for validation predictions")
+    save_predictions: bool = Field(False, description="also write each validation's PRED/REAL h5ad (for audits)")
 
 
 class TrainerConfig(StrictModel):
