@@ -54,6 +54,10 @@ class ScaleDataModule(pl.LightningDataModule):
             dataloader_type="single",
         )
         self.init_global_step = 0
+        # What NeMo's telemetry reads off a datamodule.
+        self.seq_length = seq_length
+        self.micro_batch_size = cfg.data.micro_batch_size
+        self.global_batch_size = gbs
 
     # -- datasets ------------------------------------------------------------------------------
     def _train_dataset(self) -> SetPairDataset:

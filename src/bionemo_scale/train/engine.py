@@ -158,6 +158,9 @@ def build_trainer(cfg: ScaleConfig, run_dir: Path, extra_callbacks: list[pl.Call
         ckpt_async_save=False,
         ckpt_parallel_save=False,
         ckpt_load_strictness="log_all",
+        # NeMo's replacement, ProgressPrinter, gathers megatron timers over the whole world
+        # on rank 0 only; with TP/PP > 1 the next world collective (a checkpoint) then hangs.
+        replace_progress_bar=False,
     )
     plugins = nl.MegatronMixedPrecision(
         precision=t.precision, params_dtype=pipeline_dtype, pipeline_dtype=pipeline_dtype
@@ -301,6 +304,11 @@ def train(
         logger.warning("the split has no validation pairs: validation and metric-based checkpointing are off")
         trainer.limit_val_batches = 0
     nemo_logger.setup(trainer, resume_if_exists=True)
+    # NeMo's telemetry callbacks must be configured before fit (as nemo.collections.llm's
+    # _setup does), or the first checkpoint save raises OneLoggerError.
+    from nemo.lightning.callback_group import CallbackGroup
+
+    CallbackGroup.get_instance().update_config(nemo_version="v2", trainer=trainer, data=datamodule)
     write_run_files(cfg, vocab, run_dir)
     resume.setup(trainer, module)
     trainer.fit(module, datamodule=datamodule)
