@@ -102,7 +102,7 @@ def test_learns_a_program_shift(megatron_single) -> None:
 
     cond = {k: v[:1].expand(8, *v.shape[1:]).contiguous() for k, v in _cond().items()}
     losses = []
-    for step in range(250):
+    for _ in range(250):
         ctrl, pert = draw(8)
         t = torch.rand(8, generator=gen)
         terms = loss_terms(model(ctrl, t, cond, pert), ctrl, pert, flow)
