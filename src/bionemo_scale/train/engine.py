@@ -10,6 +10,7 @@ predict and export:
     RUN/tb/               TensorBoard logs
     RUN/logs/             NeMo's own logs
     RUN/train_loss.csv    the loss of every optimizer step (stop-and-go tests read it)
+    RUN/val_loss.csv      the validation loss of every validation pass
     RUN/metrics/          per-validation per-perturbation metric CSVs (validation callback)
 """
 
@@ -91,28 +92,44 @@ def with_vocabulary(cfg: ScaleConfig, vocab: dict[str, object]) -> ScaleConfig:
     return cfg.model_copy(update={"model": model})
 
 
-class LossHistory(pl.Callback):
-    """Append (step, loss) of every optimizer step to RUN/train_loss.csv from one logging rank."""
+def _is_logging_rank() -> bool:
+    from megatron.core import parallel_state
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
+def _append_row(path: Path, header: list[str], row: list[object]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(header)
+        writer.writerow(row)
+
+
+class LossHistory(pl.Callback):
+    """RUN/train_loss.csv (every optimizer step) and RUN/val_loss.csv (every validation).
+
+    Written by the logging rank only; a resumed run appends, so the files show the replay.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.train_path = run_dir / "train_loss.csv"
+        self.val_path = run_dir / "val_loss.csv"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from megatron.core import parallel_state
+        if _is_logging_rank():
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            _append_row(self.train_path, ["step", "loss"], [trainer.global_step, f"{float(loss):.10g}"])
 
-        if not (
-            parallel_state.is_pipeline_last_stage()
-            and parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0
-        ):
-            return
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["step", "loss"])
-            writer.writerow([trainer.global_step, f"{float(loss):.10g}"])
+    def on_validation_end(self, trainer, pl_module) -> None:
+        value = trainer.callback_metrics.get("val_loss")
+        if value is not None and _is_logging_rank() and not trainer.sanity_checking:
+            _append_row(self.val_path, ["step", "val_loss"], [trainer.global_step, f"{float(value):.10g}"])
 
 
 def build_optimizer(cfg: ScaleConfig):
@@ -179,7 +196,7 @@ def build_trainer(cfg: ScaleConfig, run_dir: Path, extra_callbacks: list[pl.Call
     )
     # The checkpoint callback goes straight to the Trainer (not through NeMoLogger(ckpt=...)):
     # NeMoLogger's hand-over probes nvidia-resiliency-ext, which is not installed here.
-    callbacks: list[pl.Callback] = [checkpoint, LossHistory(run_dir / "train_loss.csv"), *(extra_callbacks or [])]
+    callbacks: list[pl.Callback] = [checkpoint, LossHistory(run_dir), *(extra_callbacks or [])]
     trainer = nl.Trainer(
         accelerator=accelerator,
         devices=t.devices,

@@ -1,0 +1,138 @@
+"""Training, checkpoints, stop-and-go resume and the validation callback, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests._torchrun import REPO_ROOT, worker_env
+from tests.train.conftest import SPLIT, cli, kill_when, read_losses, train_args
+
+pytestmark = [pytest.mark.slow]
+
+
+def _tb_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_run_directory_and_learning(base_run: Path) -> None:
+    for name in ("config.yaml", "vocab.json", "train_loss.csv", "val_loss.csv"):
+        assert (base_run / name).exists(), name
+    losses = read_losses(base_run / "train_loss.csv")
+    assert [s for s, _ in losses] == list(range(1, 31))
+    val = pd.read_csv(base_run / "val_loss.csv")
+    assert list(val["step"]) == [10, 20, 30]
+    # It learns: the validation sets are fixed, so the validation loss is a clean signal. Most of
+    # this loss is cell-level noise no model can remove, hence the modest size of the fall.
+    assert val["val_loss"].is_monotonic_decreasing
+    assert val["val_loss"].iloc[-1] < 0.98 * val["val_loss"].iloc[0]
+    ckpts = sorted(p.name for p in (base_run / "checkpoints").iterdir())
+    assert any(n.endswith("-last") for n in ckpts)
+    vocab = json.loads((base_run / "vocab.json").read_text())
+    assert len(vocab["genes"]) == 500 and vocab["perturbations"][0] == "control"
+    scalars = _tb_scalars(base_run)
+    assert "reduced_train_loss" in scalars and "val/pearson_delta" in scalars
+
+
+def _offline_metrics(metrics_dir: Path, step: int) -> pd.DataFrame:
+    from bionemo_scale.eval.callback import metrics_by_context
+
+    pred = ad.read_h5ad(metrics_dir / f"val_step{step:07d}_pred.h5ad")
+    real = ad.read_h5ad(metrics_dir / f"val_step{step:07d}_real.h5ad")
+    labels = real.obs["perturbation"].astype(str).to_numpy()
+    assert (pred.obs["perturbation"].astype(str).to_numpy() == labels).all()
+    return metrics_by_context(
+        real.X.toarray(), pred.X.toarray(), labels, real.obs["context"].astype(str).to_numpy(),
+        list(real.var_names), "control", "fast",
+    )  # fmt: skip
+
+
+def _check_callback(run: Path, steps: tuple[int, ...]) -> None:
+    scalars = _tb_scalars(run)
+    for step in steps:
+        logged = pd.read_csv(run / "metrics" / f"val_step{step:07d}.csv")
+        offline = _offline_metrics(run / "metrics", step)
+        assert list(logged["perturbation"]) == list(offline["perturbation"])
+        assert len(logged) == 3  # the demo split's three validation pairs
+        for col in ("pearson_delta", "mse", "mae", "discrimination_score_l1"):
+            np.testing.assert_allclose(logged[col].to_numpy(float), offline[col].to_numpy(float), rtol=1e-9, atol=1e-12)
+            tb = dict(scalars[f"val/{col}"])
+            # Lightning stamps a validation's logs with the index of the last training batch.
+            assert tb[step - 1] == pytest.approx(np.nanmean(offline[col].to_numpy(float)), rel=1e-5, abs=1e-7)
+
+
+def test_validation_callback_logs_the_offline_metrics(base_run: Path) -> None:
+    _check_callback(base_run, (10, 20, 30))
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_training_matches_and_its_callback_too(demo_data: Path, base_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tp2"
+    cli(*train_args(demo_data, out, 20, "trainer.devices=2", "trainer.tensor_model_parallel_size=2"), nproc=2)
+    tp1, tp2 = read_losses(base_run / "train_loss.csv")[:20], read_losses(out / "train_loss.csv")
+    assert [s for s, _ in tp2] == list(range(1, 21))
+    for (_, a), (_, b) in zip(tp1[:5], tp2[:5], strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+    _check_callback(out, (10, 20))
+
+
+def test_stop_and_go_resume_replays_the_same_losses(demo_data: Path, base_run: Path, tmp_path: Path) -> None:
+    """SIGKILL mid-training after the step-10 checkpoint; the resumed run equals the uninterrupted one."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "bionemo_scale.cli", "-q", *train_args(demo_data, out, 30)]
+    env = worker_env({"OMP_NUM_THREADS": "2"})
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    seen = kill_when(proc, out / "train_loss.csv", 14)
+    assert 14 <= seen < 30, seen
+    cli(*train_args(demo_data, out, 30))  # same command: AutoResume picks up the last checkpoint
+    killed = read_losses(out / "train_loss.csv")
+    reference = dict(read_losses(base_run / "train_loss.csv"))
+    resumed = killed[seen:]
+    assert resumed[0][0] <= 11  # replayed from the step-10 checkpoint, not from scratch
+    assert [s for s, _ in resumed] == list(range(resumed[0][0], 31))
+    for step, loss in killed:
+        assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+
+
+def test_bad_training_input(demo_data: Path, tmp_path: Path) -> None:
+    def fails(*args: str) -> str:
+        proc = cli(*args, check=False, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1, proc.stderr[-3000:]
+        return lines[0]
+
+    base = ["--data", str(demo_data), "--split", str(SPLIT), "--output", str(tmp_path / "r")]
+    assert "unknown recipe 'nope'" in fails("train", "--recipe", "nope", *base)
+    assert "did you mean trainer.max_steps" in fails("train", "--recipe", "tiny_cpu", *base, "trainer.max_step=3")
+    assert "split file" in fails(
+        "train",
+        "--recipe",
+        "tiny_cpu",
+        "--data",
+        str(demo_data),
+        "--split",
+        "missing.toml",
+        "--output",
+        str(tmp_path / "r"),
+    )
+    assert "not divisible by TP size 3" in fails(
+        "train", "--recipe", "tiny_cpu", *base, "trainer.devices=3", "trainer.tensor_model_parallel_size=3"
+    )
+    assert "not a multiple of TP × PP" in fails(
+        "train", "--recipe", "tiny_cpu", *base, "trainer.devices=3", "trainer.tensor_model_parallel_size=2"
+    )
+    assert not (tmp_path / "r").exists()
