@@ -34,13 +34,16 @@ def extend_vocabulary(release: dict[str, object], data: dict[str, object]) -> di
             "preprocess with the release's genes.txt, or pass --gene-map DATA_GENE<TAB>RELEASE_GENE",
         )
     out = dict(data)
-    for key in ("parts", "contexts", "batches", "perturbations"):
+    for key in ("parts", "contexts", "batches"):
         old = list(release[key])  # type: ignore[arg-type]
         out[key] = old + [x for x in data[key] if x not in set(old)]  # type: ignore[union-attr]
+    # perturbations: the release's control label stays id 0; the data's own control is not a perturbation
+    old = list(release["perturbations"])  # type: ignore[arg-type]
+    new = [x for x in list(data["perturbations"])[1:] if x not in set(old)]  # type: ignore[arg-type]
+    out["perturbations"] = old + new
     sep = str(data.get("combo_sep", "+"))
     part_id = {p: i for i, p in enumerate(out["parts"])}  # type: ignore[arg-type]
-    out["pert_parts"] = [[part_id[p] for p in split_combination(label, sep)] for label in out["perturbations"]]  # type: ignore[union-attr]
-    out["pert_parts"][0] = []  # type: ignore[index]
+    out["pert_parts"] = [[]] + [[part_id[p] for p in split_combination(label, sep)] for label in out["perturbations"][1:]]
     out["extended_from"] = {k: len(release[k]) for k in ("parts", "contexts", "batches")}  # type: ignore[arg-type]
     return out
 

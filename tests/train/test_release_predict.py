@@ -1,0 +1,187 @@
+"""export -> release -> fine-tune and predict; PP=2 and DP=2 fine-tuning against one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from tests.train.conftest import SPLIT, cli, read_losses
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_release_has_everything_and_no_pickle(release: Path) -> None:
+    for name in ("model.safetensors", "config.yaml", "vocab.json", "genes.txt", "normalisation.json", "MODEL_CARD.md"):
+        assert (release / name).exists(), name
+    assert not list(release.glob("*.pt")) and not list(release.glob("*.pkl"))
+    vocab = json.loads((release / "vocab.json").read_text())
+    assert (release / "genes.txt").read_text().split() == vocab["genes"]
+    assert json.loads((release / "normalisation.json").read_text())["stored"] == "log1p"
+
+
+def test_export_round_trip_is_exact(base_run: Path, release: Path) -> None:
+    """The run's checkpoint, the release, and a fine-tune model initialised from it hold the same weights."""
+    from bionemo_scale.train.finetune import extend_vocabulary, init_from_release
+    from bionemo_scale.train.release import full_state, load_release_model, load_run_model, read_release
+
+    from_run, _, _ = load_run_model(base_run)
+    from_release, _, _ = load_release_model(release)
+    _, rel_vocab, weights = read_release(release)
+    a, b = full_state(from_run), full_state(from_release)
+    assert a.keys() == b.keys() == weights.keys()
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], weights[k]) for k in a)
+    # Not trivially equal: training moved the weights away from a fresh initialisation.
+    from bionemo_scale.config import ScaleConfig, load_yaml
+    from bionemo_scale.model.scale_model import ScaleModel
+    from bionemo_scale.model.transformer_config import build_transformer_config
+    from tests.model.conftest import tiny_model  # noqa: F401 (megatron is initialised already)
+
+    cfg = ScaleConfig.model_validate(load_yaml(release / "config.yaml"))
+    fresh = ScaleModel(build_transformer_config(cfg.model), cfg.model)
+    assert not all(torch.equal(full_state(fresh)[k], a[k]) for k in a)
+    # Fine-tuning with new labels: old rows kept exactly, new rows start from the unknown row.
+    data_vocab = dict(rel_vocab)
+    data_vocab["contexts"] = [*rel_vocab["contexts"], "NEWLINE"]
+    data_vocab["parts"] = [*rel_vocab["parts"], "NEWGENE"]
+    data_vocab["perturbations"] = [*rel_vocab["perturbations"], "NEWGENE"]
+    run_vocab = extend_vocabulary(rel_vocab, data_vocab)
+    big = cfg.model.model_copy(update={"n_contexts": len(run_vocab["contexts"]), "n_parts": len(run_vocab["parts"])})
+    model = ScaleModel(build_transformer_config(big), big)
+    init_from_release(model, release, run_vocab)
+    got = full_state(model)
+    for k, v in weights.items():
+        if k in ("conditions.context_emb.weight", "conditions.part_emb.weight"):
+            n = v.shape[0] - 1
+            assert torch.equal(got[k][:n], v[:n]) and torch.equal(got[k][-1], v[-1]) and torch.equal(got[k][n], v[-1])
+        else:
+            assert torch.equal(got[k], v), k
+
+
+@pytest.fixture(scope="module")
+def prediction(release: Path, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pred") / "pred.h5ad"
+    cli("predict", "--checkpoint", str(release), "--data", str(demo_data), "--split", str(SPLIT), "--output", str(out))
+    return out
+
+
+def test_prediction_format(prediction: Path, demo_data: Path) -> None:
+    from bionemo_scale.data.store import ProcessedDataset
+
+    pred, real = ad.read_h5ad(prediction), ad.read_h5ad(prediction.with_name("REAL.h5ad"))
+    data = ProcessedDataset(demo_data)
+    assert list(pred.var_names) == list(real.var_names) == data.genes
+    for frame in (pred.obs, real.obs):
+        assert {"perturbation", "context", "batch"} <= set(frame.columns)
+    # one predicted cell per real held-out cell, per (context, perturbation)
+    key = ["context", "perturbation"]
+    held = pred.obs[pred.obs["is_prediction"]].groupby(key, observed=True).size()
+    truth = real.obs[real.obs["perturbation"] != "control"].groupby(key, observed=True).size()
+    assert held.to_dict() == truth.to_dict()
+    assert set(held.index) == {("k562", "KLF1+MAP2K6"), ("k562", "MAP2K3+MAP2K6"), ("k562", "MAPK1+TGFBR2"),
+                               ("A172", "MAP2K3"), ("A172", "TGFBR2"), ("A172", "SGK1")}  # fmt: skip
+    # the real control cells of the contexts involved are in both files
+    n_ctrl = (real.obs["perturbation"] == "control").sum()
+    assert n_ctrl == (pred.obs["perturbation"] == "control").sum() == 200
+    assert np.isfinite(pred.X.data).all() and pred.X.min() >= 0
+    assert not np.allclose(pred.X[pred.obs["is_prediction"].to_numpy()].toarray().mean(0), 0)
+
+
+def test_prediction_is_deterministic(prediction: Path, release: Path, demo_data: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again.h5ad"
+    cli(
+        "predict", "--checkpoint", str(release), "--data", str(demo_data), "--split", str(SPLIT), "--output", str(again)
+    )
+    a, b = ad.read_h5ad(prediction), ad.read_h5ad(again)
+    assert (a.X != b.X).nnz == 0
+    other = tmp_path / "seed1.h5ad"
+    cli(
+        "predict",
+        "--checkpoint",
+        str(release),
+        "--data",
+        str(demo_data),
+        "--split",
+        str(SPLIT),
+        "--output",
+        str(other),
+        "--seed",
+        "1",
+    )
+    assert (ad.read_h5ad(other).X != a.X).nnz > 0  # the seed really chooses the control cells
+
+
+def test_checkpoint_with_other_genes_is_refused(release: Path, tmp_path: Path) -> None:
+    from bionemo_scale.config import PreprocessConfig
+    from bionemo_scale.data.bundled import resource_path
+    from bionemo_scale.data.preprocess import preprocess
+
+    other = tmp_path / "glio"
+    cfg = PreprocessConfig(pert_col="condition", control="ctrl", context_col="patient_id", batch_col="sample_id")
+    preprocess(resource_path("glioblastoma_panobinostat.h5ad"), other, cfg, progress=False)
+    split = tmp_path / "s.toml"
+    split.write_text('[fewshot."PW030"]\ntest = ["panobinostat"]\n')
+    for cmd in (
+        [
+            "predict",
+            "--checkpoint",
+            str(release),
+            "--data",
+            str(other),
+            "--split",
+            str(split),
+            "--output",
+            str(tmp_path / "p.h5ad"),
+        ],
+        [
+            "finetune",
+            "--from",
+            str(release),
+            "--data",
+            str(other),
+            "--split",
+            str(split),
+            "--output",
+            str(tmp_path / "ft"),
+        ],
+    ):
+        proc = cli(*cmd, check=False, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "genes" in proc.stderr and "Fix:" in proc.stderr
+    assert not (tmp_path / "p.h5ad").exists() and not (tmp_path / "ft").exists()
+
+
+FT = ["trainer.max_steps=8", "trainer.val_check_interval=8", "checkpoint.every_n_train_steps=8", "eval.enabled=false",
+      "data.micro_batch_size=4", "data.global_batch_size=8", "optim.lr=0.002", "optim.warmup_steps=0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finetune_reference(
+    release: Path, demo_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> list[tuple[int, float]]:
+    out = tmp_path_factory.mktemp("ft") / "ref"
+    cli("finetune", "--from", str(release), "--data", str(demo_data), "--split", str(SPLIT), "--output", str(out), *FT)
+    return read_losses(out / "train_loss.csv")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "layout",
+    [["trainer.pipeline_model_parallel_size=2"], ["trainer.tensor_model_parallel_size=1"]],
+    ids=["pp2", "dp2"],
+)
+def test_parallel_fine_tuning_matches_one_process(
+    layout: list[str], release: Path, demo_data: Path, finetune_reference, tmp_path: Path
+) -> None:
+    """PP=2 and DP=2 (2 gloo processes) start from the same release; their losses equal one process's."""
+    out = tmp_path / "ft"
+    cli("finetune", "--from", str(release), "--data", str(demo_data), "--split", str(SPLIT), "--output", str(out),
+        *FT, "trainer.devices=2", *layout, nproc=2)  # fmt: skip
+    got = read_losses(out / "train_loss.csv")
+    assert [s for s, _ in got] == [s for s, _ in finetune_reference] == list(range(1, 9))
+    for (_, a), (_, b) in zip(finetune_reference, got, strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
