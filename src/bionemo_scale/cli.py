@@ -198,6 +198,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from bionemo_scale.atomic import check_output_free
+    from bionemo_scale.data.prior import GroupPriors
     from bionemo_scale.data.store import ProcessedDataset
     from bionemo_scale.predict import (
         VocabularyMap,
@@ -209,17 +210,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         write_predictions,
     )
     from bionemo_scale.registry import resolve
-    from bionemo_scale.train.release import load_model
+    from bionemo_scale.train.release import load_model, load_prior
 
     _check_split(args)
     check_output_free(Path(args.output), args.overwrite)
     data = ProcessedDataset(args.data)
     groups = held_out_groups(data, args.split, args.subset)
-    model, cfg, vocab = load_model(resolve(args.checkpoint))
+    source = resolve(args.checkpoint)
+    model, cfg, vocab = load_model(source)
+    prior = load_prior(source, cfg)
+    priors = GroupPriors(prior, data) if prior is not None else None
     predictor = model_predictor(model, VocabularyMap(vocab, data), steps=args.steps or cfg.flow.inference_steps)
     set_size = cfg.data.sampler.set_size
     plans = plan_predictions(data, groups, args.seed, cfg.data.sampler.control_matching)
-    pred_X = run_predictor(data, plans, predictor, set_size, args.seed, progress=not args.quiet)
+    pred_X = run_predictor(data, plans, predictor, set_size, args.seed, progress=not args.quiet, priors=priors)
     pred, real = build_anndata(data, plans, pred_X, kind=f"scale:{args.checkpoint}")
     real_path = write_predictions(pred, real, Path(args.output), overwrite=args.overwrite)
     print(f"wrote {args.output} ({pred.n_obs:,} cells, {len(groups)} held-out groups) and {real_path}")

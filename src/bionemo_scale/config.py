@@ -130,6 +130,9 @@ class ScaleModelConfig(StrictModel):
     use_control_stats: bool = Field(True, description="a token of per-gene mean/std of the control set")
     context_dropout: float = Field(0.1, ge=0, le=1, description="train the unknown-context token for zero-shot")
     pert_feature_dim: int = Field(0, ge=0, description="width of optional perturbation feature vectors")
+    additive_prior: bool = Field(
+        True, description="predict on top of the additive baseline's shift (leave-context-out training deltas)"
+    )
     # parameterisation
     latent_residual: bool = Field(True, description="endpoint = z_t + (1 - t) · head(h)")
     gene_residual: bool = Field(True, description="decoded cell = x0 + dec(ẑ1) − dec(z0), keeping control detail")

@@ -150,6 +150,7 @@ def train_demo(data_dir: Path, split: Path, run_dir: Path, steps: int) -> None:
 
 def predict_all(data, split: Path, release: Path, out: Path) -> dict[str, Path]:
     """SCALE and the three baselines on the test pairs, from the same control cells."""
+    from bionemo_scale.data.prior import GroupPriors
     from bionemo_scale.eval.baselines import METHODS, make_baseline
     from bionemo_scale.predict import (
         VocabularyMap,
@@ -160,9 +161,11 @@ def predict_all(data, split: Path, release: Path, out: Path) -> dict[str, Path]:
         run_predictor,
         write_predictions,
     )
-    from bionemo_scale.train.release import load_release_model
+    from bionemo_scale.train.release import load_prior, load_release_model
 
     model, cfg, vocab = load_release_model(release)
+    prior = load_prior(release, cfg)
+    priors = GroupPriors(prior, data) if prior is not None else None
     groups = held_out_groups(data, split, "test")
     plans = plan_predictions(data, groups, seed=0, control_matching=cfg.data.sampler.control_matching)
     set_size = cfg.data.sampler.set_size
@@ -171,7 +174,7 @@ def predict_all(data, split: Path, release: Path, out: Path) -> dict[str, Path]:
     predictors.update({m: make_baseline(m, data, labels) for m in METHODS})
     paths = {}
     for name, predictor in predictors.items():
-        pred_X = run_predictor(data, plans, predictor, set_size, seed=0, progress=False)
+        pred_X = run_predictor(data, plans, predictor, set_size, seed=0, progress=False, priors=priors)
         pred, real = build_anndata(data, plans, pred_X, kind=name)
         paths[name] = out / name / "PRED.h5ad"
         write_predictions(pred, real, paths[name], overwrite=True)
@@ -188,7 +191,11 @@ def headline_table(evaluation: Path) -> str:
     rows = {"scale": pd.read_csv(evaluation / "results.csv")}
     for path in sorted((evaluation / "baselines").glob("*_results.csv")):
         name = path.name.removesuffix("_results.csv")
-        if name.endswith("_agg") or "_agg_" in name or any(name.endswith(f"_{c}") for c in rows["scale"]["context"].unique()):
+        if (
+            name.endswith("_agg")
+            or "_agg_" in name
+            or any(name.endswith(f"_{c}") for c in rows["scale"]["context"].unique())
+        ):
             continue
         rows[name] = pd.read_csv(path)
     lines = ["method          " + " ".join(f"{m[:14]:>14s}" for m in HEADLINE)]

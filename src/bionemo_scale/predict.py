@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from bionemo_scale.atomic import atomic_file, check_output_free
 from bionemo_scale.config import SamplerConfig
+from bionemo_scale.data.prior import GroupPriors
 from bionemo_scale.data.sampler import SetPairDataset, draw_positions
 from bionemo_scale.data.store import ProcessedDataset
 from bionemo_scale.errors import ScaleError
@@ -57,13 +58,16 @@ def plan_predictions(
     return plans
 
 
-def group_conditions(data: ProcessedDataset, group: int, n_sets: int) -> dict[str, torch.Tensor]:
-    """Condition tensors for `n_sets` sets of one group."""
+def group_conditions(
+    data: ProcessedDataset, group: int, n_sets: int, priors: GroupPriors | None = None
+) -> dict[str, torch.Tensor]:
+    """Condition tensors for `n_sets` sets of one group (with its additive prior when given)."""
     g = data.index.groups
     pert = int(g.at[group, "pert_id"])
     parts = torch.from_numpy(data.index.parts_matrix()[pert]).expand(n_sets, -1).contiguous()
     full = lambda v, dt: torch.full((n_sets,), v, dtype=dt)  # noqa: E731
-    return {
+    extra = {} if priors is None else {"prior": torch.from_numpy(priors(group)).expand(n_sets, -1).contiguous()}
+    return extra | {
         "parts": parts,
         "dose": full(float(g.at[group, "dose"]), torch.float32),
         "context_id": full(int(g.at[group, "context_id"]), torch.long),
@@ -79,6 +83,7 @@ def run_predictor(
     set_size: int,
     seed: int,
     progress: bool = True,
+    priors: GroupPriors | None = None,
 ) -> np.ndarray:
     """Predicted expression for every planned cell, in plan order: [sum n_g, G]."""
     out = []
@@ -90,7 +95,7 @@ def run_predictor(
             rng = np.random.default_rng([seed, plan.group, 0xAD])
             rows = np.concatenate([rows, rng.choice(plan.ctrl_rows, n_sets * set_size - n)])
         ctrl = torch.from_numpy(data.gather(rows)).view(n_sets, set_size, -1)
-        pred = predictor(ctrl, group_conditions(data, plan.group, n_sets))
+        pred = predictor(ctrl, group_conditions(data, plan.group, n_sets, priors))
         out.append(pred.reshape(n_sets * set_size, -1)[:n].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, data.n_genes), dtype=np.float32)
 

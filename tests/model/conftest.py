@@ -18,7 +18,15 @@ def tiny_model(**overrides):
     from bionemo_scale.model.transformer_config import build_transformer_config
 
     fields = dict(
-        hidden_size=32, num_layers=2, num_attention_heads=4, encoder_hidden_size=64, n_genes=20, n_parts=4, n_contexts=3, n_batches=2
+        hidden_size=32,
+        num_layers=2,
+        num_attention_heads=4,
+        encoder_hidden_size=64,
+        n_genes=20,
+        n_parts=4,
+        n_contexts=3,
+        n_batches=2,
+        additive_prior=False,
     )
     fields.update(overrides)
     cfg = ScaleModelConfig(**fields)

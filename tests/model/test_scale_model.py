@@ -191,3 +191,23 @@ def test_te_spec_runs_under_fp8_on_gpu() -> None:
     assert torch.isfinite(out.x1_hat).all()
     layer = model.decoder.layers[0]
     assert "transformer_engine" in type(layer.self_attention.linear_qkv).__module__
+
+
+def test_additive_prior_is_the_starting_point_and_is_required(megatron_single) -> None:
+    """With the prior, the prediction is control + prior + a learned correction; without it, an error."""
+    torch.manual_seed(0)
+    model, _ = tiny_model(additive_prior=True)
+    g = torch.Generator().manual_seed(6)
+    ctrl = torch.rand(B, S, G, generator=g)
+    prior = torch.zeros(B, G)
+    prior[:, :4] = torch.tensor([2.0, -0.5, 1.0, 3.0])
+    with_prior = model.predict(ctrl, {**_cond(), "prior": prior})
+    zero = model.predict(ctrl, {**_cond(), "prior": torch.zeros(B, G)})
+    # the prior shifts the prediction by itself (up to the small learned correction and clamping at 0)
+    shift = (with_prior - zero).mean(dim=(0, 1))
+    assert shift[0] > 1.5 and shift[3] > 2.5 and abs(float(shift[5:].mean())) < 0.2
+    with pytest.raises(ScaleError, match="additive prior"):
+        model.predict(ctrl, _cond())
+    # training targets the deviation from the prior: a perturbed set equal to control + prior is "no change"
+    out = model(ctrl, torch.zeros(B), {**_cond(), "prior": prior}, ctrl + prior[:, None, :])
+    torch.testing.assert_close(out.x1_rec - prior[:, None, :], model.decode(model.encode(ctrl)), atol=1e-5, rtol=1e-5)

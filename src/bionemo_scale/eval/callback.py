@@ -37,11 +37,7 @@ def _ps():
 
 def is_logging_rank() -> bool:
     ps = _ps()
-    return (
-        ps.is_pipeline_last_stage()
-        and ps.get_tensor_model_parallel_rank() == 0
-        and ps.get_data_parallel_rank() == 0
-    )
+    return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
 
 
 def metrics_by_context(
@@ -92,7 +88,13 @@ class BiologicalMetricsCallback(pl.Callback):
     def from_config(cls, cfg: ScaleConfig, run_dir: Path) -> BiologicalMetricsCallback:
         e = cfg.eval
         return cls(
-            run_dir / "metrics", e.profile, e.every_n_validations, e.max_pairs, e.steps, cfg.trainer.seed, e.save_predictions
+            run_dir / "metrics",
+            e.profile,
+            e.every_n_validations,
+            e.max_pairs,
+            e.steps,
+            cfg.trainer.seed,
+            e.save_predictions,
         )
 
     # -- prediction ----------------------------------------------------------------------------
@@ -126,7 +128,7 @@ class BiologicalMetricsCallback(pl.Callback):
             if n_sets * s > n:
                 rows = np.concatenate([rows, rng.choice(plan.ctrl_rows, n_sets * s - n)])
             ctrl = torch.from_numpy(data.gather(rows)).view(n_sets, s, -1)
-            cond = group_conditions(data, plan.group, n_sets)
+            cond = group_conditions(data, plan.group, n_sets, datamodule.priors)
             if datamodule._tables is not None:
                 from bionemo_scale.train.finetune import remap_batch
 
@@ -164,7 +166,10 @@ class BiologicalMetricsCallback(pl.Callback):
 
             return output, collect
 
-        microbatches = [{"ctrl": ctrl[i : i + 1], "t": t[i : i + 1], "cond": {k: v[i : i + 1] for k, v in cond.items()}} for i in range(n)]
+        microbatches = [
+            {"ctrl": ctrl[i : i + 1], "t": t[i : i + 1], "cond": {k: v[i : i + 1] for k, v in cond.items()}}
+            for i in range(n)
+        ]
         outputs = get_forward_backward_func()(
             forward_step_func=step,
             data_iterator=iter(microbatches),

@@ -35,6 +35,9 @@ class ConditionTokens(MegatronModule):
         self.part_emb = nn.Embedding(cfg.n_parts + 1, h)
         self.dose_proj = nn.Linear(1, h, bias=False)
         self.pert_feat = nn.Linear(cfg.pert_feature_dim, h, bias=False) if cfg.pert_feature_dim else None
+        # The additive prior (a gene-space shift) enters the perturbation token, so the network
+        # knows the cross-context effect it is asked to correct.
+        self.prior_proj = ParallelMLP(tconfig, cfg.n_genes, cfg.encoder_width, h) if cfg.additive_prior else None
         self.context_emb = nn.Embedding(cfg.n_contexts + 1, h)
         self.batch_emb = nn.Embedding(cfg.n_batches + 1, h)
         self.time_mlp = nn.Sequential(nn.Linear(TIME_FEATURES, h), nn.SiLU(), nn.Linear(h, h))
@@ -57,7 +60,11 @@ class ConditionTokens(MegatronModule):
         return self.cfg.n_batches
 
     def perturbation_token(
-        self, parts: torch.Tensor, dose: torch.Tensor, features: torch.Tensor | None = None
+        self,
+        parts: torch.Tensor,
+        dose: torch.Tensor,
+        features: torch.Tensor | None = None,
+        prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sum of part embeddings (pad = -1), plus log-dose and feature projections: [B, H]."""
         present = (parts >= 0).unsqueeze(-1).to(self.part_emb.weight.dtype)
@@ -65,6 +72,8 @@ class ConditionTokens(MegatronModule):
         token = token + self.dose_proj(torch.log1p(dose.clamp(min=0)).unsqueeze(-1).to(token.dtype))
         if self.pert_feat is not None and features is not None:
             token = token + self.pert_feat(features.to(token.dtype))
+        if self.prior_proj is not None and prior is not None:
+            token = token + self.prior_proj(prior.to(token.dtype))
         return token
 
     def forward(
@@ -77,9 +86,10 @@ class ConditionTokens(MegatronModule):
         batch_id: torch.Tensor,
         t: torch.Tensor,
         pert_features: torch.Tensor | None = None,
+        prior: torch.Tensor | None = None,
     ) -> torch.Tensor:
         tokens = [
-            self.perturbation_token(parts, dose, pert_features),
+            self.perturbation_token(parts, dose, pert_features, prior),
             self.context_emb(context_id),
             self.batch_emb(batch_id),
             self.time_mlp(sinusoidal_features(t, TIME_FEATURES).to(self.type_emb.dtype)),

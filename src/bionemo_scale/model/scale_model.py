@@ -6,7 +6,11 @@ Training step for a batch of set pairs (X0 control, X1 perturbed, coupled by OT)
     Zt     = (1 - t) Z0 + t Z1                  # linear path
     h      = Transformer([cond tokens; Zt])     # bidirectional, no positional encoding
     Ẑ1     = Zt + (1 - t) head(h)               # endpoint, residual on the current state
-    X̂1     = X0 + dec(Ẑ1) - dec(Z0)             # gene-space residual on the control cells
+    X̂1     = X0 + prior + dec(Ẑ1) - dec(Z0)     # residual on the control cells and the prior
+
+With the additive prior (the additive baseline's shift for this perturbation, from the *other*
+training contexts), the flow transports X0 to X1 − prior: it learns only how this context
+deviates from the cross-context average effect. Without it, prior = 0.
 
 Pipeline parallelism: the first stage owns the encoder and condition tokens, the last stage
 the endpoint head and decoder. The last stage needs Z0 and Z1 (computed on the first), so they
@@ -37,6 +41,14 @@ from bionemo_scale.model.specs import get_layer_spec
 logger = logging.getLogger(__name__)
 
 CONDITION_KEYS = ("parts", "dose", "context_id", "batch_id")
+OPTIONAL_CONDITION_KEYS = ("prior", "pert_features")
+
+
+def conditions_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The condition tensors of a batch (ids, dose, and the prior/features when present)."""
+    out = {k: batch[k] for k in CONDITION_KEYS}
+    out.update({k: batch[k] for k in OPTIONAL_CONDITION_KEYS if k in batch})
+    return out
 
 
 @dataclass
@@ -110,7 +122,20 @@ class ScaleModel(MegatronModule):
             batch_id=batch["batch_id"],
             t=t,
             pert_features=batch.get("pert_features"),
+            prior=self._prior(batch),
         )
+
+    def _prior(self, conditions: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """[B, G] additive prior, required when the model was built with one."""
+        if not self.cfg.additive_prior:
+            return None
+        prior = conditions.get("prior")
+        if prior is None:
+            raise ScaleError(
+                "this model predicts on top of an additive prior, but the batch has no 'prior'",
+                "build inputs with bionemo_scale.data.prior (predict/train do this from prior.safetensors)",
+            )
+        return prior.float()
 
     def _check_ids(self, batch: dict[str, torch.Tensor]) -> None:
         cfg = self.cfg
@@ -141,9 +166,11 @@ class ScaleModel(MegatronModule):
         Returns the activation tensor [T + 3S, B, H] on non-last stages, a `ScaleOutput` on the last.
         """
         n_cond, s = self.num_condition_tokens, ctrl.shape[1]
+        prior = self._prior(conditions)
         if self.pre_process:
             z0 = self.encode(ctrl)
-            z1 = self.encode(pert) if pert is not None else torch.zeros_like(z0)
+            target = pert if pert is None or prior is None else pert - prior[:, None, :]
+            z1 = self.encode(target) if target is not None else torch.zeros_like(z0)
             zt = linear_path(z0, z1, t.view(1, -1, 1).to(z0.dtype))
             hidden = torch.cat([self._condition_tokens(conditions, ctrl, t), zt], dim=0)
             carry = torch.cat([z1, z0], dim=0)
@@ -157,7 +184,7 @@ class ScaleModel(MegatronModule):
         z1, z0 = carry[:s], carry[s:]
         tt = t.view(1, -1, 1).to(z0.dtype)
         z1_hat = self._endpoint_from_hidden(out[n_cond:], linear_path(z0, z1, tt), tt)
-        x1_hat = self._decode_endpoint(z1_hat, z0, ctrl)
+        x1_hat = self._decode_endpoint(z1_hat, z0, ctrl, prior)
         training = pert is not None
         return ScaleOutput(
             z1_hat=z1_hat.transpose(0, 1),
@@ -165,18 +192,24 @@ class ScaleModel(MegatronModule):
             z0=z0.transpose(0, 1),
             x1_hat=x1_hat,
             x0_rec=self.decode(z0) if training else None,
-            x1_rec=self.decode(z1) if training else None,
+            x1_rec=self._add_prior(self.decode(z1), prior) if training else None,
         )
 
     def _endpoint_from_hidden(self, h_cells: torch.Tensor, zt: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
         delta = self.head(h_cells)
         return zt + (1.0 - tt) * delta if self.cfg.latent_residual else delta
 
-    def _decode_endpoint(self, z1_hat: torch.Tensor, z0: torch.Tensor, ctrl: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _add_prior(x: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        return x if prior is None else x + prior[:, None, :]
+
+    def _decode_endpoint(
+        self, z1_hat: torch.Tensor, z0: torch.Tensor, ctrl: torch.Tensor, prior: torch.Tensor | None
+    ) -> torch.Tensor:
         x1_hat = self.decode(z1_hat)
         if self.cfg.gene_residual:
             x1_hat = ctrl.float() + x1_hat - self.decode(z0)
-        return x1_hat
+        return self._add_prior(x1_hat, prior)
 
     # -- inference -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -204,7 +237,7 @@ class ScaleModel(MegatronModule):
             return self._endpoint_from_hidden(out[n_cond:], z, t.view(1, -1, 1).to(z.dtype)).transpose(0, 1)
 
         z1_hat = solve_endpoint(endpoint, z0.transpose(0, 1), method=solver, steps=steps)
-        return self._decode_endpoint(z1_hat.transpose(0, 1), z0, ctrl).clamp_min(0.0)
+        return self._decode_endpoint(z1_hat.transpose(0, 1), z0, ctrl, self._prior(conditions)).clamp_min(0.0)
 
 
 def validate_against_data(cfg: ScaleModelConfig, n_genes: int, where: str = "the data") -> None:

@@ -17,6 +17,7 @@ from nemo.lightning.pytorch.plugins import MegatronDataSampler
 from torch.utils.data import default_collate
 
 from bionemo_scale.config import ScaleConfig
+from bionemo_scale.data.prior import AdditivePrior, GroupPriors
 from bionemo_scale.data.sampler import SetPairDataset
 from bionemo_scale.data.store import ProcessedDataset
 from bionemo_scale.errors import ScaleError
@@ -46,6 +47,9 @@ class ScaleDataModule(pl.LightningDataModule):
         self.val_groups = np.flatnonzero((self.labels == "val") & ~self.data.index.is_control)
         if self.train_groups.size == 0:
             raise ScaleError("the split leaves no training pairs", "hold out fewer (context, perturbation) pairs")
+        # The additive prior, from training pairs only (every rank computes the same tables).
+        self.prior = AdditivePrior.from_data(self.data, self.labels) if cfg.model.additive_prior else None
+        self.priors = GroupPriors(self.prior, self.data) if self.prior is not None else None
         gbs = cfg.global_batch_size
         self.data_sampler = MegatronDataSampler(
             seq_len=seq_length,

@@ -327,6 +327,8 @@ def train(
 
     CallbackGroup.get_instance().update_config(nemo_version="v2", trainer=trainer, data=datamodule)
     write_run_files(cfg, vocab, run_dir)
+    if datamodule.prior is not None and int(os.environ.get("RANK", "0")) == 0:
+        datamodule.prior.save(run_dir / "prior.safetensors")
     resume.setup(trainer, module)
     trainer.fit(module, datamodule=datamodule)
     return run_dir

@@ -43,7 +43,9 @@ def extend_vocabulary(release: dict[str, object], data: dict[str, object]) -> di
     out["perturbations"] = old + new
     sep = str(data.get("combo_sep", "+"))
     part_id = {p: i for i, p in enumerate(out["parts"])}  # type: ignore[arg-type]
-    out["pert_parts"] = [[]] + [[part_id[p] for p in split_combination(label, sep)] for label in out["perturbations"][1:]]
+    out["pert_parts"] = [[]] + [
+        [part_id[p] for p in split_combination(label, sep)] for label in out["perturbations"][1:]
+    ]
     out["extended_from"] = {k: len(release[k]) for k in ("parts", "contexts", "batches")}  # type: ignore[arg-type]
     return out
 

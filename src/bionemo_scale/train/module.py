@@ -19,7 +19,7 @@ from nemo.lightning.megatron_parallel import MegatronLossReduction
 from bionemo_scale.config import FlowConfig, ScaleConfig
 from bionemo_scale.model.batch import prepare_flow_batch
 from bionemo_scale.model.objective import loss_terms
-from bionemo_scale.model.scale_model import CONDITION_KEYS, ScaleModel, ScaleOutput
+from bionemo_scale.model.scale_model import ScaleModel, ScaleOutput, conditions_of
 from bionemo_scale.model.transformer_config import build_transformer_config
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ class ScaleLightningModule(pl.LightningModule):
         if isinstance(batch, tuple) and len(batch) == 3:  # (batch, batch_idx, dataloader_idx)
             batch = batch[0]
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if self.cfg.model.additive_prior:
+            batch["prior"] = self.trainer.datamodule.priors.batch(batch["group_id"])
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         training = self.trainer is not None and self.trainer.training
         return prepare_flow_batch(
@@ -125,10 +127,7 @@ class ScaleLightningModule(pl.LightningModule):
         )
 
     def forward_step(self, batch: dict[str, torch.Tensor]) -> ScaleOutput | torch.Tensor:
-        conditions = {k: batch[k] for k in CONDITION_KEYS}
-        if "pert_features" in batch:
-            conditions["pert_features"] = batch["pert_features"]
-        return self(batch["ctrl"], batch["t"], conditions, batch["pert"])
+        return self(batch["ctrl"], batch["t"], conditions_of(batch), batch["pert"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int | None = None):
         return self.forward_step(batch)

@@ -9,6 +9,7 @@ download and fine-tune from, with no pickle anywhere:
     RELEASE/genes.txt           the gene panel, one per line
     RELEASE/normalisation.json  what preprocessing did to the counts
     RELEASE/MODEL_CARD.md       data, recipe, intended use and limits
+    RELEASE/prior.safetensors   training-pair deltas of the additive prior (when the model uses one)
 
 Full weights are loaded into a tensor-parallel model by slicing each parameter along the
 offsets of megatron's own sharded state dict, so a release trained at TP=1 fine-tunes at
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -133,12 +135,18 @@ only (the unknown-context token); such zero-shot predictions are weaker.
 def export_release(run_dir: str | Path, out: str | Path, which: str = "last", overwrite: bool = False) -> Path:
     model, cfg, vocab = load_run_model(run_dir, which)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file({k: v.contiguous() for k, v in full_state(model).items()}, str(tmp / "model.safetensors"), metadata={"format": "bionemo-scale/1"})
+        save_file(
+            {k: v.contiguous() for k, v in full_state(model).items()},
+            str(tmp / "model.safetensors"),
+            metadata={"format": "bionemo-scale/1"},
+        )
         (tmp / "config.yaml").write_text(dump_yaml(cfg))
         (tmp / "vocab.json").write_text(json.dumps(vocab, indent=1))
         (tmp / "genes.txt").write_text("\n".join(vocab["genes"]) + "\n")  # type: ignore[arg-type]
         (tmp / "normalisation.json").write_text(json.dumps(vocab.get("normalisation", {}), indent=1))
         (tmp / "MODEL_CARD.md").write_text(model_card(cfg, vocab, str(find_checkpoint(run_dir, which))))
+        if cfg.model.additive_prior:
+            shutil.copyfile(Path(run_dir) / "prior.safetensors", tmp / "prior.safetensors")
     logger.info("exported %s -> %s", run_dir, out)
     return Path(out)
 
@@ -178,6 +186,13 @@ def load_model(source: str | Path):
     if (source / "model.safetensors").exists():
         return load_release_model(source)
     return load_run_model(source)
+
+
+def load_prior(source: str | Path, cfg: ScaleConfig):
+    """The additive prior saved beside a run or release (None for models built without one)."""
+    from bionemo_scale.data.prior import AdditivePrior
+
+    return AdditivePrior.load(Path(source) / "prior.safetensors") if cfg.model.additive_prior else None
 
 
 # -- full weights <-> (possibly) sharded models -------------------------------------------------

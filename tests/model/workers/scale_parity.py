@@ -37,6 +37,7 @@ def batches() -> list[dict[str, torch.Tensor]]:
                 "dose": torch.tensor([1.0, 0.5]),
                 "context_id": torch.tensor([0, 1]),
                 "batch_id": torch.tensor([1, 0]),
+                "prior": 0.3 * torch.randn(B, G, generator=g),
             }
         )
     return out
@@ -73,7 +74,7 @@ def run_schedule(model) -> tuple[list[float], list[torch.Tensor]]:
 
     def step(data_iterator, chunk):
         b = next(data_iterator)
-        cond = {k: b[k] for k in ("parts", "dose", "context_id", "batch_id")}
+        cond = {k: b[k] for k in ("parts", "dose", "context_id", "batch_id", "prior")}
         out = chunk(b["ctrl"], b["t"], cond, b["pert"])
 
         def loss_func(output):

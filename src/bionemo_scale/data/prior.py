@@ -1,0 +1,131 @@
+"""The additive prior: what the additive baseline knows, as a per-(context, perturbation) vector.
+
+For a perturbation p in context c it is the mean pseudobulk delta (perturbed minus control, in
+log1p space) of p over the *other* training contexts; a combination A+B never seen elsewhere
+gets the sum of its singles' deltas (each from context c when trained there, else averaged
+over contexts). This is exactly the additive baseline's shift, and SCALE predicts *on top of*
+it: the flow only has to learn how this context deviates from the cross-context average.
+
+Leaving the target context out matters: a training pair must not see its own answer in its
+input, or the model learns to copy it and fails on held-out pairs where nothing is there to copy.
+Everything is keyed by labels, so a prior travels with a release to other datasets.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from bionemo_scale.data.index import split_combination
+from bionemo_scale.errors import ScaleError
+
+
+@dataclass
+class AdditivePrior:
+    """Training-pair deltas by (context label, perturbation label)."""
+
+    deltas: dict[tuple[str, str], np.ndarray]
+    combo_sep: str = "+"
+
+    @property
+    def n_genes(self) -> int:
+        return len(next(iter(self.deltas.values())))
+
+    def _mean(self, pert: str, exclude_context: str | None) -> np.ndarray | None:
+        rows = [d for (c, p), d in self.deltas.items() if p == pert and c != exclude_context]
+        return np.mean(rows, axis=0) if rows else None
+
+    def _single(self, part: str) -> list[str]:
+        """Labels of the single-part perturbation whose only part is `part`."""
+        return [p for (_, p) in self.deltas if split_combination(p, self.combo_sep) == [part]]
+
+    def vector(self, context: str, pert: str) -> np.ndarray:
+        """The additive prior for `pert` in `context` (target context always left out)."""
+        seen = self._mean(pert, exclude_context=context)
+        if seen is not None:
+            return seen
+        parts = split_combination(pert, self.combo_sep)
+        shift = np.zeros(self.n_genes)
+        if len(parts) > 1:
+            for part in parts:
+                for single in sorted(set(self._single(part)))[:1]:
+                    in_context = self.deltas.get((context, single))
+                    other = self._mean(single, exclude_context=None)
+                    shift += in_context if in_context is not None else other
+        return shift
+
+    def context_mean(self, context: str) -> np.ndarray:
+        """Mean delta of all training perturbations in `context` (the context-mean baseline)."""
+        rows = [d for (c, _), d in self.deltas.items() if c == context]
+        return np.mean(rows, axis=0) if rows else np.mean(list(self.deltas.values()), axis=0)
+
+    # -- building and persistence --------------------------------------------------------------
+    @classmethod
+    def from_data(cls, data, split_labels: np.ndarray) -> AdditivePrior:
+        """Cell-weighted pseudobulk deltas of every training (context, perturbation) pair."""
+        idx = data.index
+        g = idx.groups
+        ctx, pert = g["context_id"].to_numpy(), g["pert_id"].to_numpy()
+        sizes = (g["end"] - g["start"]).to_numpy()
+
+        def pooled_mean(gids: np.ndarray) -> np.ndarray:
+            sums = [data.gather_csr(data.group_rows(int(i))).sum(axis=0).A1 for i in gids]
+            return np.sum(sums, axis=0) / sizes[gids].sum()
+
+        train = np.flatnonzero((split_labels == "train") & ~idx.is_control)
+        ctrl = np.flatnonzero(idx.is_control)
+        ctrl_mean = {int(c): pooled_mean(ctrl[ctx[ctrl] == c]) for c in np.unique(ctx[ctrl])}
+        deltas: dict[tuple[str, str], np.ndarray] = {}
+        for c, p in sorted({(int(a), int(b)) for a, b in zip(ctx[train], pert[train], strict=True)}):
+            gids = train[(ctx[train] == c) & (pert[train] == p)]
+            deltas[(idx.contexts[c], idx.perturbations[p])] = pooled_mean(gids) - ctrl_mean[c]
+        if not deltas:
+            raise ScaleError("the split has no training pairs to build the additive prior from", "check --split")
+        return cls(deltas=deltas, combo_sep=idx.combo_sep)
+
+    def save(self, path: str | Path) -> None:
+        keys = list(self.deltas)
+        matrix = torch.from_numpy(np.stack([self.deltas[k] for k in keys]).astype(np.float32))
+        meta = {"pairs": json.dumps([list(k) for k in keys]), "combo_sep": self.combo_sep}
+        save_file({"delta": matrix}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AdditivePrior:
+        path = Path(path)
+        if not path.exists():
+            raise ScaleError(
+                f"{path} does not exist", "the checkpoint was trained with an additive prior: keep prior.safetensors"
+            )
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        matrix = load_file(str(path))["delta"].numpy().astype(np.float64)
+        pairs = [tuple(p) for p in json.loads(meta["pairs"])]
+        return cls(deltas={p: matrix[i] for i, p in enumerate(pairs)}, combo_sep=meta.get("combo_sep", "+"))
+
+
+class GroupPriors:
+    """Prior vectors per group of a dataset, computed once (the sampler's hot path reads them)."""
+
+    def __init__(self, prior: AdditivePrior, data) -> None:
+        self.prior = prior
+        self.data = data
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __call__(self, group: int) -> np.ndarray:
+        if group not in self._cache:
+            idx, g = self.data.index, self.data.index.groups
+            ctx = idx.contexts[int(g.at[group, "context_id"])]
+            pert = idx.perturbations[int(g.at[group, "pert_id"])]
+            self._cache[group] = self.prior.vector(ctx, pert).astype(np.float32)
+        return self._cache[group]
+
+    def batch(self, groups: torch.Tensor) -> torch.Tensor:
+        """[B, G] priors for a batch's `group_id` tensor."""
+        return torch.from_numpy(np.stack([self(int(g)) for g in groups.tolist()]))
