@@ -161,6 +161,9 @@ class FlowConfig(StrictModel):
     distribution_weight: float = Field(0.1, ge=0)
     distribution_loss: Literal["energy", "mmd"] = "energy"
     gene_mse_weight: float = Field(1.0, ge=0, description="MSE of the decoded endpoint against the matched cells")
+    pseudobulk_weight: float = Field(
+        1.0, ge=0, description="MSE of the set means (predicted vs real pseudobulk): the low-noise population signal"
+    )
     stop_grad_target: bool = Field(True, description="no gradient into the encoder through the latent target")
     inference_steps: int = Field(1, ge=1, description="NFE at prediction time (1 = one endpoint step)")
     solver: Literal["euler", "heun"] = "euler"

@@ -37,7 +37,7 @@ def test_forward_shapes_and_terms(model) -> None:
     assert out.z1_hat.shape == out.z1.shape == out.z0.shape == (B, S, 32)
     assert out.x1_hat.shape == out.x0_rec.shape == out.x1_rec.shape == (B, S, G)
     terms = loss_terms(out, ctrl, pert, FlowConfig())
-    assert set(terms) == {"endpoint", "gene", "reconstruction", "distribution", "loss"}
+    assert set(terms) == {"endpoint", "gene", "pseudobulk", "reconstruction", "distribution", "loss"}
     assert all(v.shape == (B,) for v in terms.values())
     terms["loss"].mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

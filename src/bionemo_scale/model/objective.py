@@ -2,6 +2,7 @@
 
     endpoint       ‖Ẑ1 − sg(Z1)‖²             latent endpoint supervision (matched cells)
     gene           ‖X̂1 − X1‖²                 the same endpoint, decoded, in gene space
+    pseudobulk     ‖mean(X̂1) − mean(X1)‖²     the population response, free of cell-level noise
     reconstruction ½‖dec(Z0) − X0‖² + ½‖dec(Z1) − X1‖²
     distribution   ED(X̂1, X1) or MMD²          set-level: substates and partial responders
 
@@ -28,6 +29,7 @@ def loss_terms(out: ScaleOutput, ctrl: torch.Tensor, pert: torch.Tensor, flow: F
     terms = {
         "endpoint": _per_set_mse(out.z1_hat, target),
         "gene": _per_set_mse(out.x1_hat, pert),
+        "pseudobulk": (out.x1_hat.float().mean(dim=1) - pert.float().mean(dim=1)).square().mean(dim=-1),
     }
     if out.x0_rec is not None and out.x1_rec is not None:
         terms["reconstruction"] = 0.5 * (_per_set_mse(out.x0_rec, ctrl) + _per_set_mse(out.x1_rec, pert))
@@ -41,6 +43,7 @@ def loss_terms(out: ScaleOutput, ctrl: torch.Tensor, pert: torch.Tensor, flow: F
     terms["loss"] = (
         flow.endpoint_weight * terms["endpoint"]
         + flow.gene_mse_weight * terms["gene"]
+        + flow.pseudobulk_weight * terms["pseudobulk"]
         + flow.reconstruction_weight * terms["reconstruction"]
         + flow.distribution_weight * terms["distribution"]
     )

@@ -105,8 +105,13 @@ class ScaleModel(MegatronModule):
 
     # -- pieces --------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, S, G] -> [S, B, H] (megatron is sequence-first)."""
-        return self.gene_encoder(x.transpose(0, 1).contiguous().to(self.config.params_dtype))
+        """[B, S, G] -> [S, B, H] (megatron is sequence-first), each cell at unit RMS.
+
+        Normalising the latent fixes its scale: the encoder is trained by reconstruction, which
+        does not bound it, and an unbounded latent makes the endpoint MSE grow without limit.
+        """
+        z = self.gene_encoder(x.transpose(0, 1).contiguous().to(self.config.params_dtype))
+        return z * torch.rsqrt(z.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(z.dtype)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """[S, B, H] -> [B, S, G]."""

@@ -24,7 +24,7 @@ from bionemo_scale.model.transformer_config import build_transformer_config
 
 logger = logging.getLogger(__name__)
 
-TERM_NAMES = ("endpoint", "gene", "reconstruction", "distribution")
+TERM_NAMES = ("endpoint", "gene", "pseudobulk", "reconstruction", "distribution")
 
 
 class ScaleLossReduction(MegatronLossReduction):
