@@ -11,12 +11,17 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bionemo_scale.errors import ScaleError
 
 DEFAULT_IMAGE = "nvcr.io/nvidia/clara/bionemo-framework:nightly"
+SPLIT_COL = "split-col"  # --split value that is not a path
+
+
+def _abspath(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 @dataclass
@@ -37,19 +42,41 @@ class LaunchSpec:
     master_port: int = 29500
 
     def validate(self) -> None:
+        """Check the layout against the recipe *with the overrides applied*, before anything runs.
+
+        TP/PP may come from an override (e.g. `trainer.tensor_model_parallel_size=2` on the CPU
+        recipe), and a bad override key or value must fail here, not on the cluster.
+        """
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise ScaleError("--nodes and --gpus-per-node must be >= 1", "pass positive counts")
+        from bionemo_scale.config import apply_overrides
         from bionemo_scale.recipes import get_recipe
 
         cfg = get_recipe(self.recipe)
         tp, pp = cfg.trainer.tensor_model_parallel_size, cfg.trainer.pipeline_model_parallel_size
+        for item in self.overrides:
+            key, _, raw = item.partition("=")
+            key = key.strip()
+            if key in ("trainer.tensor_model_parallel_size", "trainer.pipeline_model_parallel_size"):
+                try:
+                    value = int(raw)
+                except ValueError:
+                    continue  # apply_overrides below reports the bad value
+                tp, pp = (value, pp) if key.endswith("tensor_model_parallel_size") else (tp, value)
         world = self.nodes * self.gpus_per_node
-        if world % (tp * pp):
+        if tp >= 1 and pp >= 1 and world % (tp * pp):
             raise ScaleError(
                 f"{self.nodes} nodes × {self.gpus_per_node} GPUs = {world} is not a multiple of the recipe's "
                 f"TP×PP = {tp}×{pp}",
                 "change --nodes/--gpus-per-node or override trainer.tensor_model_parallel_size",
             )
+        layout = [f"trainer.devices={self.gpus_per_node}", f"trainer.num_nodes={self.nodes}"]
+        apply_overrides(cfg, [*layout, *self.overrides])  # unknown keys, bad values, shape errors
+
+    def absolute(self) -> LaunchSpec:
+        """The same spec with data/split/output as absolute paths (a container has another cwd)."""
+        split = self.split if self.split == SPLIT_COL else _abspath(self.split)
+        return replace(self, data=_abspath(self.data), split=split, output=_abspath(self.output))
 
     def train_args(self) -> list[str]:
         args = [
@@ -86,7 +113,12 @@ def torchrun_command(spec: LaunchSpec, nproc: int | None = None) -> list[str]:
 
 
 def slurm_script(spec: LaunchSpec) -> str:
-    """An sbatch script: one srun task per GPU, each running `bionemo-scale train`."""
+    """An sbatch script: one srun task per GPU, each running `bionemo-scale train`.
+
+    Paths become absolute: the container starts in its own working directory, and the mounts
+    (the parent directories of data, split and output) are bound at the same absolute paths.
+    """
+    spec = spec.absolute()
     header = [
         "#!/bin/bash",
         f"#SBATCH --job-name={spec.job_name}",
@@ -101,9 +133,13 @@ def slurm_script(spec: LaunchSpec) -> str:
         header.append(f"#SBATCH --partition={spec.partition}")
     if spec.account:
         header.append(f"#SBATCH --account={spec.account}")
-    dirs = sorted({str(Path(p).resolve().parent) for p in (spec.output, spec.data, spec.split)})
+    paths = [spec.output, spec.data] + ([] if spec.split == SPLIT_COL else [spec.split])
+    dirs = sorted({str(Path(p).parent) for p in paths})
     mounts = ",".join([*spec.mounts, *(f"{d}:{d}" for d in dirs)])
     train = " ".join(shlex.quote(a) for a in spec.train_args())
+    # Each task maps Slurm's ids to torch's; the whole inner command is quoted once, so that
+    # arguments with spaces or quotes survive, and $SLURM_* expand inside the task.
+    task = shlex.quote(f"export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec {train}")
     body = f"""
 set -euo pipefail
 mkdir -p {shlex.quote(spec.output)}
@@ -127,7 +163,7 @@ srun --container-image={shlex.quote(spec.image)} \\
      --container-mounts={shlex.quote(mounts)} \\
      --no-container-mount-home \\
      --kill-on-bad-exit=1 \\
-     bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec {train}'
+     bash -c {task}
 """
     return "\n".join(header) + "\n" + body
 
@@ -135,6 +171,10 @@ srun --container-image={shlex.quote(spec.image)} \\
 def launch(spec: LaunchSpec, executor: str, dry_run: bool) -> int:
     spec.validate()
     if executor == "local":
+        if spec.nodes != 1:
+            raise ScaleError(
+                f"the local executor runs on one node, not {spec.nodes}", "use --nodes 1, or --executor slurm"
+            )
         cmd = torchrun_command(spec)
         print(" ".join(shlex.quote(c) for c in cmd))
         return 0 if dry_run else subprocess.call(cmd)

@@ -56,7 +56,7 @@ def norman_demo() -> ScaleConfig:
 
 
 def tahoe_100m_pretrain() -> ScaleConfig:
-    """Atlas-scale pretraining on Tahoe-100M: a ~1.2B-parameter encoder on 8×H100 nodes.
+    """Atlas-scale pretraining on Tahoe-100M: a ~1.3B-parameter encoder on 8×H100 nodes.
 
     TP=4 shards heads, MLPs and the gene encoder/decoder inside a node (NVLink); PP=2 splits
     the 24 layers; DP spans the rest. Transformer Engine spec with FP8 (hybrid, delayed

@@ -59,13 +59,15 @@ def test_permutation_equivariance(model, what: str) -> None:
 
 
 def test_one_step_is_the_endpoint_and_steps_change_it(model) -> None:
+    with torch.no_grad():  # a fresh head is near zero; make the endpoint move so that steps matter
+        model.head.fc_out.weight.mul_(200.0)
     g = torch.Generator().manual_seed(3)
     ctrl = torch.rand(B, S, G, generator=g)
     t0 = torch.zeros(B)
     teacher = model(ctrl, t0, _cond(), None)  # t = 0: z_t is z0, as in prediction
     nfe1 = model.predict(ctrl, _cond(), steps=1)
     torch.testing.assert_close(nfe1, teacher.x1_hat.clamp_min(0), atol=1e-5, rtol=1e-5)
-    assert (model.predict(ctrl, _cond(), steps=4) - nfe1).abs().max() > 1e-6
+    assert (model.predict(ctrl, _cond(), steps=4) - nfe1).abs().max() > 1e-4
     assert model.predict(ctrl, _cond(), steps=4, solver="heun").shape == (B, S, G)
     assert (nfe1 >= 0).all()
 

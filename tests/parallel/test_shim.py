@@ -49,15 +49,20 @@ def test_bad_layout_is_a_one_line_error(world: int, tp, pp, match: str) -> None:
 
 
 def test_init_distributed_rejects_bad_layout_before_initialising(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Simulate a fresh process even when earlier tests in this one initialised things.
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(parallel, "_SHIM_INSTALLED", False)
+    touched: list[str] = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: touched.append("pg"))
+    monkeypatch.setattr(parallel, "install_cpu_shim", lambda: touched.append("shim"))
     with pytest.raises(ScaleError, match="not divisible by TP×PP"):
         parallel.init_distributed(tp=2)
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ScaleError, match="world size 3 is not divisible by TP×PP = 1×2"):
         parallel.init_distributed(pp=2)
-    assert not torch.distributed.is_initialized()
-    assert not parallel.cpu_shim_installed()  # validation comes before the shim
+    assert touched == []  # validation comes before the shim and before any process group
 
 
 @CPU_ONLY
@@ -69,6 +74,8 @@ def test_nccl_on_cpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_shim_is_a_noop_with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(parallel, "_SHIM_INSTALLED", False)  # as in a fresh process
+    monkeypatch.setattr(parallel, "_NEMO_PATCHED", False)
     current_device = torch.cuda.current_device
     assert parallel.install_cpu_shim() is False
     assert parallel.patch_nemo_for_cpu() is False

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 ENV_REGISTRY = "BIONEMO_SCALE_REGISTRY"
 ENV_CACHE = "BIONEMO_SCALE_CACHE"
+# The files every release directory holds (mirrors train.release.RELEASE_FILES, which imports torch).
+REQUIRED_FILES = ("model.safetensors", "config.yaml", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ def _read(path_or_text: str, where: str) -> list[Resource]:
         entries = yaml.safe_load(path_or_text) or []
     except yaml.YAMLError as exc:
         raise ScaleError(f"registry {where} is not valid YAML ({exc.__class__.__name__})", "fix the file") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ScaleError(f"registry {where} must be a YAML list of mappings (tag, url, sha256, ...)", "fix the file")
     out = []
     for entry in entries:
         missing = {"tag", "url", "sha256"} - set(entry)
@@ -83,14 +87,19 @@ def sha256sum(path: Path) -> str:
 
 def _fetch(url: str, dest: Path) -> None:
     parsed = urllib.parse.urlparse(url)
-    if parsed.scheme == "file":
-        shutil.copyfile(urllib.request.url2pathname(parsed.path), dest)
-    elif parsed.scheme in ("http", "https"):
-        logger.info("downloading %s", url)
-        with urllib.request.urlopen(url, timeout=60) as response, dest.open("wb") as f:
-            shutil.copyfileobj(response, f)
-    else:
+    if parsed.scheme not in ("file", "http", "https"):
         raise ScaleError(f"unsupported URL scheme in {url}", "use https://, http:// or file://")
+    try:
+        if parsed.scheme == "file":
+            shutil.copyfile(urllib.request.url2pathname(parsed.path), dest)
+        else:
+            logger.info("downloading %s", url)
+            with urllib.request.urlopen(url, timeout=60) as response, dest.open("wb") as f:
+                shutil.copyfileobj(response, f)
+    except OSError as exc:  # missing file, HTTP error, no network (URLError is an OSError)
+        raise ScaleError(
+            f"could not fetch {url} ({exc.__class__.__name__}: {exc})", "check the URL and the network"
+        ) from None
 
 
 def load(tag: str) -> Path:
@@ -102,20 +111,23 @@ def load(tag: str) -> Path:
         )
     res = reg[tag]
     target = cache_dir() / tag.replace(":", "-").replace("/", "_")
-    if (target / "model.safetensors").exists():
+    if all((target / name).exists() for name in REQUIRED_FILES):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    archive = target.with_suffix(".download")
+    archive = target.with_name(target.name + ".download")  # not with_suffix: tags like x:0.1 and x:0.2
     try:
         _fetch(res.url, archive)
         got = sha256sum(archive)
-        if got != res.sha256:
+        if got != res.sha256.strip().lower():
             raise ScaleError(
                 f"release {tag} has sha256 {got[:12]}…, the registry says {res.sha256[:12]}…",
                 "re-download, or fix the registry entry",
             )
         with atomic_dir(target, overwrite=True) as tmp:
             _unpack(archive, tmp)
+            missing = [name for name in REQUIRED_FILES if not (tmp / name).exists()]
+            if missing:  # checked before the rename, so a broken archive is never cached
+                raise ScaleError(f"release {tag} lacks {missing}", "publish a .tar.gz of an exported release directory")
     finally:
         archive.unlink(missing_ok=True)
     return target
