@@ -53,11 +53,21 @@ def build(tp: int, pp: int):
 
     init_distributed(tp, pp, seed=11)
     cfg = ScaleModelConfig(
-        hidden_size=32, num_layers=2, num_attention_heads=4, encoder_hidden_size=48, n_genes=G, n_parts=3, n_contexts=2, n_batches=2
+        hidden_size=32,
+        num_layers=2,
+        num_attention_heads=4,
+        encoder_hidden_size=48,
+        n_genes=G,
+        n_parts=3,
+        n_contexts=2,
+        n_batches=2,
     )
     tconfig = build_transformer_config(cfg, tp, pp)
     model = ScaleModel(
-        tconfig, cfg, pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage()
+        tconfig,
+        cfg,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
     )
     return model, cfg
 
@@ -80,7 +90,11 @@ def run_schedule(model) -> tuple[list[float], list[torch.Tensor]]:
         def loss_func(output):
             loss = loss_terms(output, b["ctrl"], b["pert"], flow)["loss"].mean()
             losses.append(float(loss))
-            outputs.append(torch.cat([output.x1_hat.detach().flatten(), output.z1_hat.detach().flatten(), output.z0.detach().flatten()]))
+            outputs.append(
+                torch.cat(
+                    [output.x1_hat.detach().flatten(), output.z1_hat.detach().flatten(), output.z0.detach().flatten()]
+                )
+            )
             return loss, {"loss": loss.detach()}
 
         return out, loss_func
@@ -151,7 +165,9 @@ def main() -> None:
         "last_stage": parallel_state.is_pipeline_last_stage(),
         "loss_err": max((abs(a - b) for a, b in zip(losses, ref["losses"], strict=False)), default=None),
         "n_losses": len(losses),
-        "out_err": max((float((a - b).abs().max()) for a, b in zip(outputs, ref["outputs"], strict=False)), default=None),
+        "out_err": max(
+            (float((a - b).abs().max()) for a, b in zip(outputs, ref["outputs"], strict=False)), default=None
+        ),
         "grad_err": grad_err,
         "grad_scale": max(float(g.abs().max()) for g in ref["grads"].values()),
         "n_checked": n_checked,
