@@ -10,7 +10,7 @@ BENCH_STAMP := $(BENCH_VENV)/.bench-installed
 PYTEST_ARGS ?=
 DEMO_OUT ?= demo_out
 
-.PHONY: venv demo test test-fast lint format bench bench-venv constraints clean
+.PHONY: venv demo test test-fast lint format bench bench-quality bench-throughput bench-data bench-venv constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,8 +50,19 @@ $(BENCH_STAMP): benchmarks/requirements-bench.txt benchmarks/constraints-bench.t
 
 bench-venv: $(BENCH_STAMP)
 
-bench: $(STAMP) $(BENCH_STAMP)
+# Heavy: each benchmark runs for up to ~30 minutes on 2 cores; outputs go to bench_out/.
+bench: bench-quality bench-throughput bench-data
+
+bench-quality: $(STAMP) $(BENCH_STAMP)
+	$(PY) benchmarks/quality.py
+
+bench-throughput: $(STAMP) $(BENCH_STAMP)
+	$(PY) benchmarks/throughput.py
+
+bench-data: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/dataloader.py
+	$(PY) benchmarks/preprocess_scale.py
+	$(PY) benchmarks/metrics.py
 
 constraints: $(STAMP)
 	( echo "# The measured CPU development stack: pip check clean. Regenerate with make constraints."; \

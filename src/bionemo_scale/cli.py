@@ -72,6 +72,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         "n_combinations": args.combinations,
         "seed": args.seed,
         "chunk_rows": args.chunk_rows,
+        "program_gain_sd": args.program_gain_sd,
+        "context_specificity": args.context_specificity,
     }
     cfg = validate_config(SynthConfig, {k: v for k, v in fields.items() if v is not None}, "synth options")
     if args.format == "h5ad":
@@ -304,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-obs", nargs="*", help="extra obs columns to keep in obs.parquet")
     p.add_argument("--combo-sep", default="+", help="separator of combination labels (default '+')")
     p.add_argument("--target-sum", type=float, default=1e4, help="normalize_total target for raw counts")
-    p.add_argument("--chunk-rows", type=int, default=20_000, help="rows per streamed chunk (bounds memory)")
+    p.add_argument(
+        "--chunk-rows", type=int, default=5_000, help="rows per streamed chunk (bounds memory; default 5,000)"
+    )
     p.add_argument("--dataset-name", help="dataset name for cell-load style 'dataset.context' split keys")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(handler=_cmd_preprocess)
@@ -320,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combinations", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--chunk-rows", type=int)
+    p.add_argument("--program-gain-sd", type=float, help="sd of per-(context, program) log gains (default 0.5)")
+    p.add_argument("--context-specificity", type=float, help="size of idiosyncratic context deviations (0.5)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_cmd_synth)
 

@@ -105,35 +105,38 @@ class CsrArrays:
     def n_rows(self) -> int:
         return len(self.row_ptr) - 1
 
+    def _offsets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(data offsets of every stored value of `rows`, CSR indptr of those rows)."""
+        starts = self.row_ptr[rows].astype(np.int64)
+        lengths = self.row_ptr[rows + 1].astype(np.int64) - starts
+        indptr = np.zeros(rows.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        # offsets[k] = starts[row of k] + (k - first k of that row); added in place (no 3rd temporary)
+        offsets = np.repeat(starts - indptr[:-1], lengths)
+        offsets += np.arange(offsets.size, dtype=np.int64)
+        return offsets, indptr
+
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """Dense float32 [len(rows), n_genes] for arbitrary rows in ONE vectorised gather.
 
         No per-cell Python loop: the data offsets of every requested row are built with one
-        repeat/arange, read with one fancy index, and scattered with one assignment.
+        repeat/arange and read with one fancy index; scipy's compiled CSR->dense kernel then
+        scatters them. (A 2-D fancy assignment `out[r, c] = v` costs ~3x more: numpy builds a
+        broadcast multi-index and needs a third nnz-sized index array.)
         """
         rows = np.asarray(rows, dtype=np.int64)
-        starts = self.row_ptr[rows].astype(np.int64)
-        lengths = self.row_ptr[rows + 1].astype(np.int64) - starts
-        total = int(lengths.sum())
-        out = np.zeros((rows.size, self.n_genes), dtype=np.float32)
-        if total == 0:
-            return out
-        # offsets[k] = starts[row of k] + (k - first k of that row)
-        firsts = np.cumsum(lengths) - lengths
-        offsets = np.repeat(starts - firsts, lengths) + np.arange(total, dtype=np.int64)
-        out_rows = np.repeat(np.arange(rows.size, dtype=np.int64), lengths)
-        out[out_rows, self.col[offsets].astype(np.int64)] = self.data[offsets]
-        return out
+        offsets, indptr = self._offsets(rows)
+        if offsets.size == 0:
+            return np.zeros((rows.size, self.n_genes), dtype=np.float32)
+        # col is uint32 on disk; gene ids < 2**31, so the int32 view is exact and copies nothing
+        cols = np.asarray(self.col[offsets]).view(np.int32)
+        m = sp.csr_matrix((np.asarray(self.data[offsets]), cols, indptr), shape=(rows.size, self.n_genes))
+        return m.toarray().astype(np.float32, copy=False)
 
     def gather_csr(self, rows: np.ndarray) -> sp.csr_matrix:
         """The same rows as a CSR matrix (for writing without densifying)."""
         rows = np.asarray(rows, dtype=np.int64)
-        starts = self.row_ptr[rows].astype(np.int64)
-        lengths = self.row_ptr[rows + 1].astype(np.int64) - starts
-        total = int(lengths.sum())
-        firsts = np.cumsum(lengths) - lengths
-        offsets = np.repeat(starts - firsts, lengths) + np.arange(total, dtype=np.int64)
-        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        offsets, indptr = self._offsets(rows)
         return sp.csr_matrix(
             (np.asarray(self.data[offsets]), np.asarray(self.col[offsets]), indptr), shape=(rows.size, self.n_genes)
         )

@@ -8,9 +8,11 @@ For cell i in context c, batch b, substate m, under perturbation p (responder fl
     counts  ~ NB(mean = L_i * p_i, theta)                            # negative binomial
 
 - W [K, G]: sparse gene programs; mu_c: context baseline; a_{c,m}: context substates;
-- e_{c,p} = s_{c,p} * e_p + context_specificity * d_{c,p}: a shared program-level effect,
-  scaled per context, plus a context-specific deviation; combinations add their parts' effects
-  and a small interaction;
+- e_{c,p} = g_c * (s_{c,p} * e_p) + context_specificity * d_{c,p}: a shared program-level
+  effect, scaled per (context, perturbation), times per-(context, program) gains g_{c,k} (a
+  context that amplifies a pathway does so for every perturbation that hits it: the part of the
+  context dependence a model can learn from the context's other perturbations), plus an
+  idiosyncratic deviation; combinations add their parts' effects and a small interaction;
 - r_i ~ Bernoulli(pi_p): partial responders; beta_{c,b}: batch effects on genes.
 
 The screen is generated group by group in SCDL row order and written in chunks, so millions
@@ -114,6 +116,9 @@ def make_truth(cfg: SynthConfig, rng: np.random.Generator) -> SynthTruth:
     lo, hi = cfg.responder_fraction
     responder = np.concatenate([[0.0], rng.uniform(lo, hi, size=len(perts) - 1)])
     batch = rng.normal(0, cfg.batch_effect, size=(C, B, G))
+    # Drawn last so that every other parameter keeps its random stream whatever the gain sd.
+    gains = np.exp(rng.normal(0.0, cfg.program_gain_sd, size=(C, 1, K))) if cfg.program_gain_sd > 0 else 1.0
+    effects = effects * gains
     contexts = [f"C{c}" for c in range(C)]
     batches = [[f"C{c}_B{b}" for b in range(B)] for c in range(C)]
     return SynthTruth(W, mu, substates, substate_weights, effects, responder, batch, contexts, batches, perts)

@@ -17,6 +17,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 STREAM_TIME = 1
 STREAM_CONTEXT_DROPOUT = 2
+STREAM_PERT_DROPOUT = 3
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -53,9 +54,16 @@ def prepare_flow_batch(
     *,
     context_dropout: float = 0.0,
     unknown_context: int | None = None,
+    pert_dropout: float = 0.0,
+    unknown_part: int | None = None,
     training: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Add `t`, couple `pert` to `ctrl` inside each set, and drop context ids for zero-shot training."""
+    """Add `t`, couple `pert` to `ctrl` inside each set, and drop condition ids.
+
+    Context dropout trains the unknown-context token (zero-shot contexts). Perturbation dropout
+    replaces the perturbation's part ids by the unknown part, so the model must predict from the
+    additive prior and the context alone: what carries over to pairs it never saw.
+    """
     out = dict(batch)
     index = batch["index"]
     if training:
@@ -68,6 +76,10 @@ def prepare_flow_batch(
             out["context_id"] = torch.where(
                 drop, torch.full_like(batch["context_id"], unknown_context), batch["context_id"]
             )
+        if pert_dropout > 0 and unknown_part is not None:
+            drop = hashed_uniform(index, seed, STREAM_PERT_DROPOUT) < pert_dropout
+            parts = batch["parts"]
+            out["parts"] = torch.where(drop[:, None] & (parts >= 0), torch.full_like(parts, unknown_part), parts)
     else:
         out["t"] = torch.zeros(index.shape[0], dtype=torch.float32, device=index.device)
     return out

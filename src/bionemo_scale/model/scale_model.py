@@ -173,9 +173,12 @@ class ScaleModel(MegatronModule):
         n_cond, s = self.num_condition_tokens, ctrl.shape[1]
         prior = self._prior(conditions)
         if self.pre_process:
-            z0 = self.encode(ctrl)
             target = pert if pert is None or prior is None else pert - prior[:, None, :]
-            z1 = self.encode(target) if target is not None else torch.zeros_like(z0)
+            if target is not None:  # one encoder pass over both sets: larger GEMMs, same result
+                z0, z1 = self.encode(torch.cat([ctrl, target], dim=0)).chunk(2, dim=1)
+            else:
+                z0 = self.encode(ctrl)
+                z1 = torch.zeros_like(z0)
             zt = linear_path(z0, z1, t.view(1, -1, 1).to(z0.dtype))
             hidden = torch.cat([self._condition_tokens(conditions, ctrl, t), zt], dim=0)
             carry = torch.cat([z1, z0], dim=0)
@@ -189,15 +192,21 @@ class ScaleModel(MegatronModule):
         z1, z0 = carry[:s], carry[s:]
         tt = t.view(1, -1, 1).to(z0.dtype)
         z1_hat = self._endpoint_from_hidden(out[n_cond:], linear_path(z0, z1, tt), tt)
-        x1_hat = self._decode_endpoint(z1_hat, z0, ctrl, prior)
         training = pert is not None
+        if training:
+            # dec(Ẑ1), dec(Z0) and dec(Z1) in one decoder pass; dec(Z0) serves both the gene
+            # residual and the reconstruction term (it used to be decoded twice).
+            x1_dec, x0_rec, x1_rec = self.decode(torch.cat([z1_hat, z0, z1], dim=1)).chunk(3, dim=0)
+            x1_hat = self._decode_endpoint(z1_hat, z0, ctrl, prior, decoded=(x1_dec, x0_rec))
+        else:
+            x1_hat = self._decode_endpoint(z1_hat, z0, ctrl, prior)
         return ScaleOutput(
             z1_hat=z1_hat.transpose(0, 1),
             z1=z1.transpose(0, 1),
             z0=z0.transpose(0, 1),
             x1_hat=x1_hat,
-            x0_rec=self.decode(z0) if training else None,
-            x1_rec=self._add_prior(self.decode(z1), prior) if training else None,
+            x0_rec=x0_rec if training else None,
+            x1_rec=self._add_prior(x1_rec, prior) if training else None,
         )
 
     def _endpoint_from_hidden(self, h_cells: torch.Tensor, zt: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
@@ -209,11 +218,17 @@ class ScaleModel(MegatronModule):
         return x if prior is None else x + prior[:, None, :]
 
     def _decode_endpoint(
-        self, z1_hat: torch.Tensor, z0: torch.Tensor, ctrl: torch.Tensor, prior: torch.Tensor | None
+        self,
+        z1_hat: torch.Tensor,
+        z0: torch.Tensor,
+        ctrl: torch.Tensor,
+        prior: torch.Tensor | None,
+        decoded: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x1_hat = self.decode(z1_hat)
+        """X̂1 from Ẑ1; `decoded` = (dec(Ẑ1), dec(Z0)) when the caller already has them."""
+        x1_hat, x0_dec = decoded if decoded is not None else (self.decode(z1_hat), None)
         if self.cfg.gene_residual:
-            x1_hat = ctrl.float() + x1_hat - self.decode(z0)
+            x1_hat = ctrl.float() + x1_hat - (x0_dec if x0_dec is not None else self.decode(z0))
         return self._add_prior(x1_hat, prior)
 
     # -- inference -----------------------------------------------------------------------------

@@ -123,6 +123,8 @@ class ScaleLightningModule(pl.LightningModule):
             seed=self.cfg.trainer.seed,
             context_dropout=self.cfg.model.context_dropout if training else 0.0,
             unknown_context=self.cfg.model.n_contexts,
+            pert_dropout=self.cfg.model.pert_dropout if training else 0.0,
+            unknown_part=self.cfg.model.n_parts,
             training=True,  # validation loss is teacher-forced on the same kind of t
         )
 

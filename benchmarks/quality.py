@@ -1,0 +1,312 @@
+"""Held-out quality: SCALE against STATE and the baselines, same data, same split, same budget.
+
+    .venv/bin/python benchmarks/quality.py --cases a b c [--seeds 0 1 2] [--steps 600] [--skip-state]
+
+Cases (DESIGN.md / issue 6):
+  a  the project's synthetic screen: 5 contexts x 2 batches, 40 perturbations, partial responders,
+     batch effects, NB counts; 12 (perturbation, context) pairs held out in each of 2 contexts
+     (4 val + 8 test), few-shot.
+  b  Norman19 K562 (bundled): held-out combinations A+B whose singles A and B were seen.
+  c  the bundled PerturBench file with the U87MG glioma line held out zero-shot (weak signal).
+
+Every method predicts the test pairs from the *same* control cells (`predict.plan_predictions`)
+and is scored with this project's `evaluate` (cell-eval 0.8.2 definitions); seed 0 of SCALE and
+STATE is cross-checked with `cell-eval run` itself. SCALE and STATE have the same hidden size,
+layers, heads, set size, sets per step and number of optimizer steps; wall time is reported.
+Model selection used the val pairs only (see benchmarks/RESULTS_LOG.md); nothing here reads the
+test pairs before the final scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+logger = logging.getLogger("quality")
+
+HEADLINE = ("pearson_delta", "overlap_at_N", "precision_at_N", "discrimination_score_l1", "mae", "de_direction_match")
+SIZE = {"hidden": 128, "layers": 4, "heads": 8, "set_size": 64, "batch_sets": 8}
+RESOURCES = REPO / "src" / "bionemo_scale" / "data" / "resources"
+
+
+def sh(cmd: list[str], log: Path, timeout: float = 1800) -> float:
+    """Run a command, log its output, return its wall time (raise with the log tail on failure)."""
+    start = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
+    return time.perf_counter() - start
+
+
+CLI = [sys.executable, "-m", "bionemo_scale.cli", "-q"]
+
+
+# -- cases -------------------------------------------------------------------------------------
+def prepare_case(case: str, out: Path) -> tuple[Path, Path, str]:
+    """(dataset dir, split toml, description) for a case, built once under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    if case == "a":
+        data, split = out / "synth_a", out / "synth_a_split.toml"
+        if not (data / "manifest.json").exists():
+            sh([*CLI, "synth", str(data), "--cells", "40000", "--genes", "500", "--contexts", "5",
+                "--perturbations", "40", "--overwrite"], out / "synth_a.log")  # fmt: skip
+        if not split.exists():
+            from bionemo_scale.data.splits import SplitSpec
+            from bionemo_scale.data.store import ProcessedDataset
+
+            perts = ProcessedDataset(data).index.perturbations[1:]
+            rng = np.random.default_rng(0)
+            few = {}
+            for ctx in ("C0", "C1"):
+                chosen = rng.choice(perts, 12, replace=False).tolist()
+                few[ctx] = {"val": chosen[:4], "test": chosen[4:]}
+            split.write_text(SplitSpec(fewshot=few).to_toml())
+        return data, split, "synthetic screen, few-shot pairs in 2 of 5 contexts"
+    norman = out / "norman"
+    if not (norman / "manifest.json").exists():
+        sh([*CLI, "preprocess", str(RESOURCES / "norman19_mcfaline23_devel.h5ad"), str(norman), "--pert-col",
+            "condition", "--control", "control", "--context-col", "cell_type", "--dose-col", "dose",
+            "--overwrite"], out / "norman.log")  # fmt: skip
+    if case == "b":
+        split = out / "norman_combos_split.toml"
+        split.write_text(
+            '# K562: held-out combinations whose singles were seen\n[fewshot."k562"]\n'
+            'val = ["KLF1+TGFBR2", "MAP2K3+SLC38A2"]\ntest = ["KLF1+MAP2K6", "MAP2K3+MAP2K6", "MAPK1+TGFBR2"]\n'
+        )
+        return norman, split, "Norman19 K562, held-out combinations A+B with A and B seen"
+    if case == "c":
+        return norman, RESOURCES / "norman_zeroshot_split.toml", "PerturBench, U87MG held out zero-shot"
+    raise ValueError(case)
+
+
+# -- methods -----------------------------------------------------------------------------------
+def scale_overrides(steps: int, seed: int) -> list[str]:
+    return [
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={max(50, steps // 4)}",
+        f"checkpoint.every_n_train_steps={max(50, steps // 2)}",
+        f"trainer.seed={seed}",
+        f"data.sampler.seed={seed}",
+        f"model.hidden_size={SIZE['hidden']}",
+        f"model.num_layers={SIZE['layers']}",
+        f"model.num_attention_heads={SIZE['heads']}",
+        f"model.encoder_hidden_size={2 * SIZE['hidden']}",
+        f"data.sampler.set_size={SIZE['set_size']}",
+        f"data.micro_batch_size={SIZE['batch_sets']}",
+    ]
+
+
+def run_scale(data: Path, split: Path, out: Path, steps: int, seed: int) -> tuple[Path, float]:
+    run = out / "run"
+    wall = sh([*CLI, "train", "--recipe", "tiny_cpu", "--data", str(data), "--split", str(split), "--output", str(run),
+               *scale_overrides(steps, seed)], out / "train.log")  # fmt: skip
+    pred = out / "PRED.h5ad"
+    sh([*CLI, "predict", "--checkpoint", str(run), "--data", str(data), "--split", str(split), "--output", str(pred),
+        "--overwrite"], out / "predict.log")  # fmt: skip
+    return pred, wall
+
+
+def run_baselines(data: Path, split: Path, out: Path) -> dict[str, Path]:
+    paths = {}
+    for method in ("additive", "context-mean", "control"):
+        path = out / method / "PRED.h5ad"
+        sh([*CLI, "baseline", "--method", method, "--data", str(data), "--split", str(split), "--output", str(path),
+            "--set-size", str(SIZE["set_size"]), "--overwrite"], out / f"{method}.log")  # fmt: skip
+        paths[method] = path
+    return paths
+
+
+def run_state_method(data: Path, split: Path, out: Path, steps: int, seed: int) -> tuple[Path, float]:
+    from state_adapter import run_state  # benchmarks/state_adapter.py
+
+    start = time.perf_counter()
+    pred = run_state(
+        data, split, out, hidden=SIZE["hidden"], layers=SIZE["layers"], heads=SIZE["heads"],
+        set_size=SIZE["set_size"], batch_sets=SIZE["batch_sets"], max_steps=steps, seed=seed,
+        pert_features="parts",  # A+B as parts, as SCALE composes it: STATE's one-hot cannot see a new combination
+    )  # fmt: skip
+    return Path(pred), time.perf_counter() - start
+
+
+def score(pred: Path, out: Path) -> pd.DataFrame:
+    from bionemo_scale.eval.evaluate import run_evaluate
+
+    run_evaluate(pred, pred.with_name("REAL.h5ad"), "perturbation", "control", out, context_col="context",
+                 profile="full", overwrite=True, report=False, progress=False)  # fmt: skip
+    return pd.read_csv(out / "results.csv")
+
+
+def cell_eval_crosscheck(pred: Path, out: Path) -> dict[str, float]:
+    """The headline metrics from `cell-eval run` itself (bench venv), on the same PRED/REAL files.
+
+    cell-eval scores each context separately (`--celltype-col`); the per-perturbation rows of all
+    contexts are pooled, as ours are.
+    """
+    bench_py = REPO / ".venv-bench" / "bin" / "python"
+    if not bench_py.exists():
+        logger.warning("no .venv-bench: skipping the cell-eval cross-check (make bench-venv)")
+        return {}
+    sh([str(bench_py), str(REPO / "benchmarks" / "cell_eval_runner.py"), "--pred", str(pred), "--real",
+        str(pred.with_name("REAL.h5ad")), "--pert-col", "perturbation", "--control", "control",
+        "--celltype-col", "context", "--outdir", str(out)], out.with_suffix(".log"))  # fmt: skip
+    files = [f for f in out.glob("*results.csv") if "agg_results" not in f.name]
+    res = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    return {m: float(res[m].mean()) for m in HEADLINE if m in res}
+
+
+def replicate_pdcorr(real: Path, seed: int = 0) -> float:
+    """How reproducible the real shifts are: PDCorr between two random halves of the real cells.
+
+    For each held-out pair, the perturbed and the control cells are split in two; the shift of
+    one half (perturbed mean minus control mean) is correlated with the other's. A model scored
+    against all the real cells cannot be expected to beat this by much: it is the noise ceiling
+    of `pearson_delta` at half the cells (a lower bound of the ceiling at all of them).
+    """
+    import anndata as ad
+
+    adata = ad.read_h5ad(real)
+    x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _, obs in adata.obs.groupby("context", observed=True):
+        groups = obs.groupby("perturbation", observed=True).indices
+        rows = obs.index.to_numpy()
+        where = {k: adata.obs_names.get_indexer(rows[v]) for k, v in groups.items()}
+        ctrl = rng.permutation(where.pop("control"))
+        c1, c2 = ctrl[: ctrl.size // 2], ctrl[ctrl.size // 2 :]
+        for cells in where.values():
+            cells = rng.permutation(cells)
+            p1, p2 = cells[: cells.size // 2], cells[cells.size // 2 :]
+            d1 = x[p1].mean(0) - x[c1].mean(0)
+            d2 = x[p2].mean(0) - x[c2].mean(0)
+            values.append(float(np.corrcoef(d1, d2)[0, 1]))
+    return float(np.nanmean(values))
+
+
+# -- main --------------------------------------------------------------------------------------
+def summarise(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    agg = frame.groupby(["case", "method"])[list(HEADLINE)].agg(["mean", "std"])
+    return agg
+
+
+def markdown(agg: pd.DataFrame, case: str, walls: dict[str, float], steps: int) -> str:
+    lines = ["| method | " + " | ".join(HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
+    for method in agg.loc[case].index:
+        cells = []
+        for m in HEADLINE:
+            mean, std = agg.loc[(case, method), (m, "mean")], agg.loc[(case, method), (m, "std")]
+            cells.append(f"{mean:.3f} ± {0 if np.isnan(std) else std:.3f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"{steps} optimizer steps per model; median training wall time: "
+                 + ", ".join(f"{k} {v:.0f} s" for k, v in walls.items()))  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(agg: pd.DataFrame, case: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(agg.loc[case].index)
+    fig, axes = plt.subplots(1, len(HEADLINE), figsize=(3 * len(HEADLINE), 3.2))
+    for ax, metric in zip(axes, HEADLINE, strict=True):
+        means = [agg.loc[(case, m), (metric, "mean")] for m in methods]
+        stds = [np.nan_to_num(agg.loc[(case, m), (metric, "std")]) for m in methods]
+        ax.bar(range(len(methods)), means, yerr=stds, color=["#76b900" if m == "scale" else "#999" for m in methods])
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+        ax.set_title(metric, fontsize=9)
+    fig.suptitle(f"case {case}: mean ± sd over seeds (test pairs)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps for SCALE and for STATE")
+    ap.add_argument("--skip-state", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "quality")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    rows: list[dict] = []
+    walls: dict[str, dict[str, list[float]]] = {}
+    checks: list[dict] = []
+    for case in args.cases:
+        data, split, description = prepare_case(case, args.out / "data")
+        logger.info("case %s: %s", case, description)
+        for seed in args.seeds:
+            base = args.out / f"case_{case}" / f"seed{seed}"
+            preds: dict[str, Path] = {}
+            pred, wall = run_scale(data, split, base / "scale", args.steps, seed)
+            preds["scale"] = pred
+            walls.setdefault(case, {}).setdefault("scale", []).append(wall)
+            if not args.skip_state:
+                pred, wall = run_state_method(data, split, base / "state", args.steps, seed)
+                preds["state"] = pred
+                walls[case].setdefault("state", []).append(wall)
+            preds.update(run_baselines(data, split, base / "baselines"))
+            for method, path in preds.items():
+                res = score(path, base / "eval" / method)
+                row = {"case": case, "seed": seed, "method": method}
+                row.update({m: float(res[m].mean()) for m in HEADLINE})
+                rows.append(row)
+                logger.info("case %s seed %d %-12s %s", case, seed, method, {m: round(row[m], 3) for m in HEADLINE})
+            if seed == args.seeds[0]:
+                for method in ("scale", "state"):
+                    if method in preds:
+                        check = cell_eval_crosscheck(preds[method], base / "cell_eval" / method)
+                        ours = next(
+                            r for r in rows if r["case"] == case and r["seed"] == seed and r["method"] == method
+                        )
+                        for metric, theirs in check.items():
+                            checks.append({"case": case, "seed": seed, "method": method, "metric": metric,
+                                           "bionemo_scale": ours[metric], "cell_eval": theirs})  # fmt: skip
+                        logger.info("cell-eval cross-check %s: %s (ours %s)", method, check,
+                                    {k: round(ours[k], 4) for k in check})  # fmt: skip
+    frame = pd.DataFrame(rows)
+    frame.to_csv(args.out / "quality_rows.csv", index=False)
+    agg = summarise(rows)
+    report = []
+    for case in args.cases:
+        med = {k: float(np.median(v)) for k, v in walls.get(case, {}).items()}
+        real = args.out / f"case_{case}" / f"seed{args.seeds[0]}" / "baselines" / "additive" / "REAL.h5ad"
+        ceiling = (
+            f"\n\nNoise ceiling: PDCorr between two random halves of the real cells = {replicate_pdcorr(real):.3f}."
+        )
+        report.append(f"### case {case}\n\n" + markdown(agg, case, med, args.steps) + ceiling)
+        plot(agg, case, args.out / f"quality_case_{case}.png")
+    if checks:
+        check_frame = pd.DataFrame(checks)
+        check_frame["abs_diff"] = (check_frame["bionemo_scale"] - check_frame["cell_eval"]).abs()
+        check_frame.to_csv(args.out / "cell_eval_crosscheck.csv", index=False)
+        worst = check_frame.groupby("metric")["abs_diff"].max()
+        report.append("### cross-check against `cell-eval run` (first seed, SCALE and STATE)\n\n"
+                      + "| metric | max abs difference |\n|---|---|\n"
+                      + "\n".join(f"| {m} | {d:.2e} |" for m, d in worst.items()))  # fmt: skip
+    text = "\n\n".join(report)
+    (args.out / "quality.md").write_text(text + "\n")
+    (args.out / "quality.json").write_text(json.dumps(rows, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
