@@ -88,3 +88,21 @@ def test_h5ad_output_preprocesses_to_the_same_structure(tmp_path: Path) -> None:
     data = ProcessedDataset(tmp_path / "pp")
     assert data.n_cells == info["cells"]
     assert data.manifest["normalisation"]["input"] == "counts"
+
+
+def test_program_gains_scale_every_perturbation_of_a_context_alike() -> None:
+    """The gains are the only difference between gain sd 0 and 0.5, and act per (context, program)."""
+    from bionemo_scale.data.synth import make_truth
+
+    plain = make_truth(SMALL.model_copy(update={"program_gain_sd": 0.0}), np.random.default_rng(7))
+    gained = make_truth(SMALL.model_copy(update={"program_gain_sd": 0.5}), np.random.default_rng(7))
+    for name in ("W", "mu", "substates", "batch", "responder_fraction"):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(gained, name))
+    nonzero = np.abs(plain.effects) > 1e-12
+    ratio = np.where(nonzero, gained.effects / np.where(nonzero, plain.effects, 1.0), np.nan)  # [C, P, K]
+    # one gain per (context, program): identical across the perturbations of that context
+    spread = np.nanmax(ratio, axis=1) - np.nanmin(ratio, axis=1)
+    assert np.nanmax(spread) < 1e-9
+    gains = np.nanmean(ratio, axis=1)
+    assert np.nanstd(np.log(gains)) > 0.2  # and they do differ between contexts and programs
+    assert (gains[~np.isnan(gains)] > 0).all()
