@@ -13,7 +13,6 @@ of both tensors, i.e. 2*S per set, as for the other loaders.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import logging
 import random
@@ -21,6 +20,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -29,24 +29,20 @@ from _common import (
     emit_result,
     peak_rss_mb_self,
     setup_logging,
-    time_batches,
+    time_spec_batches,
+    versions,
     warmup_batches,
 )
 
 logger = logging.getLogger("benchmarks.cell_load")
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("cell-load", "anndata", "h5py", "numpy", "torch", "lightning"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
+def train_loader(spec: dict[str, Any], *, barcode: bool) -> tuple[Any, float]:
+    """cell-load's train loader as `state tx train` builds it (num_workers=0), and its set-up seconds.
 
-
-def run(spec: dict) -> dict:
+    Seeds numpy's global RNG (PerturbationBatchSampler shuffles with it), `random` and torch
+    from spec['seed'] and sets torch's threads (spec['threads'], default 1) first.
+    """
     import numpy as np
     import torch
 
@@ -75,11 +71,20 @@ def run(spec: dict) -> dict:
         should_yield_control_cells=True,  # STATE's default (configs/data/perturbation.yaml)
         cell_sentence_len=spec["set_size"],
         use_consecutive_loading=spec["use_consecutive_loading"],
-        barcode=spec["barcode"],
+        barcode=barcode,
     )
     dm.setup()
     loader = dm.train_dataloader()
-    setup_s = time.perf_counter() - t0
+    return loader, time.perf_counter() - t0
+
+
+def count_cells(batch: dict[str, Any]) -> int:
+    """Cells of a cell-load batch: the perturbed rows plus their mapped controls."""
+    return int(batch["pert_cell_emb"].shape[0] + batch["ctrl_cell_emb"].shape[0])
+
+
+def run(spec: dict) -> dict:
+    loader, setup_s = train_loader(spec, barcode=spec["barcode"])
     batches_per_epoch = len(loader)
     logger.info("cell-load set up in %.1f s: %d train batches per epoch", setup_s, batches_per_epoch)
 
@@ -88,16 +93,14 @@ def run(spec: dict) -> dict:
     def count(batch: dict) -> int:
         if not shapes:
             shapes.update({k: list(v.shape) for k, v in batch.items() if hasattr(v, "shape")})
-        return int(batch["pert_cell_emb"].shape[0] + batch["ctrl_cell_emb"].shape[0])
+        return count_cells(batch)
 
     warmup = warmup_batches(spec, batches_per_epoch)
-    repeats, warmup_s, epochs = time_batches(
+    repeats, warmup_s, epochs = time_spec_batches(
+        spec,
         lambda: iter(loader),
         count,
-        warmup_batches=warmup,
-        repeats=spec["repeats"],
-        batches_per_repeat=spec["batches_per_repeat"],
-        max_seconds_per_repeat=spec["max_seconds_per_repeat"],
+        warmup,
         on_repeat=lambda r, res: logger.info("repeat %d: %.0f cells/s", r, res.cells_per_s),
     )
     result = ThroughputResult(
@@ -111,7 +114,7 @@ def run(spec: dict) -> dict:
         extra={
             "batches_per_epoch": batches_per_epoch,
             "first_batch_shapes": shapes,
-            "versions": _versions(),
+            "versions": versions(("cell-load", "anndata", "h5py", "numpy", "torch", "lightning")),
             "datamodule_kwargs": {k: v for k, v in spec.items() if k not in ("label",)},
         },
     )

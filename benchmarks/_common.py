@@ -6,6 +6,7 @@ Standard library only at import time, so that the runners executed by the compar
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -59,6 +60,9 @@ class Summary:
             return cls(vals[0], vals[0], vals[0], 1)
         q = statistics.quantiles(vals, n=4, method="inclusive")
         return cls(statistics.median(vals), q[0], q[2], len(vals))
+
+    def to_json(self) -> dict[str, float]:
+        return {**asdict(self), "iqr": self.iqr}
 
 
 # -- timing ------------------------------------------------------------------------------------
@@ -172,6 +176,25 @@ def warmup_batches(spec: dict[str, Any], batches_per_epoch: int) -> int:
     return w
 
 
+def time_spec_batches(
+    spec: dict[str, Any],
+    make_iter: Callable[[], Iterator[Any]],
+    count_cells: Callable[[Any], int],
+    warmup: int,
+    on_repeat: Callable[[int, RepeatResult], None] | None = None,
+) -> tuple[list[RepeatResult], float, int]:
+    """`time_batches` with the `repeats`, `batches_per_repeat` and `max_seconds_per_repeat` of a worker spec."""
+    return time_batches(
+        make_iter,
+        count_cells,
+        warmup_batches=warmup,
+        repeats=spec["repeats"],
+        batches_per_repeat=spec["batches_per_repeat"],
+        max_seconds_per_repeat=spec["max_seconds_per_repeat"],
+        on_repeat=on_repeat,
+    )
+
+
 # -- memory ------------------------------------------------------------------------------------
 def peak_rss_mb_self() -> float:
     """Peak RSS of this process image: /proc VmHWM, else ru_maxrss (which survives exec)."""
@@ -190,9 +213,12 @@ def vm_hwm_mb() -> float:
     return float("nan")
 
 
-def machine_load() -> dict[str, float]:
-    """1-min load average and CPU pressure (PSI 'some' avg10): other work on the machine skews timings."""
-    out = {"loadavg_1m": os.getloadavg()[0]}
+def machine_load(*, all_averages: bool = False) -> dict[str, float]:
+    """1-min (or 1/5/15-min) load average and CPU pressure (PSI 'some' avg10): other work skews timings."""
+    one, five, fifteen = os.getloadavg()
+    out = {"loadavg_1m": one}
+    if all_averages:
+        out.update(loadavg_5m=five, loadavg_15m=fifteen)
     try:
         some = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()
         out["cpu_psi_some_avg10"] = float(some[1].split("=")[1])
@@ -236,7 +262,7 @@ def run_measured(
 
     with tempfile.TemporaryDirectory() as tmp:
         usage_path = Path(tmp) / "rusage.json"
-        wrapped = [sys.executable, str(Path(__file__).resolve()), "--rusage-out", str(usage_path), "--", *cmd]
+        wrapped = rusage_command(cmd, usage_path)
         out_f = open(log_path.with_suffix(".stdout"), "w+") if log_path else tempfile.TemporaryFile("w+")  # noqa: SIM115
         err_f = open(log_path.with_suffix(".stderr"), "w+") if log_path else tempfile.TemporaryFile("w+")  # noqa: SIM115
         load_before = machine_load()
@@ -270,7 +296,7 @@ def run_measured(
         stop.set()
         th.join()
         load_after = machine_load()
-        usage = json.loads(usage_path.read_text()) if usage_path.exists() else {}
+        peak_rss_mb = read_peak_rss_mb(usage_path)
         out_f.seek(0)
         err_f.seek(0)
         stdout, stderr = out_f.read(), err_f.read()
@@ -279,7 +305,7 @@ def run_measured(
     return ChildRun(
         returncode=returncode,
         wall_s=wall,
-        peak_rss_mb=usage.get("maxrss_kb", float("nan")) / 1024.0,
+        peak_rss_mb=peak_rss_mb,
         peak_anon_mb=max((a for _, _, a in trace), default=float("nan")),
         trace=trace,
         stdout=stdout,
@@ -287,6 +313,17 @@ def run_measured(
         load_before=load_before,
         load_after=load_after,
     )
+
+
+def rusage_command(cmd: Sequence[str], usage_path: Path) -> list[str]:
+    """`cmd` forked by the ~10 MB wrapper of this file, which writes the command's own ru_maxrss to `usage_path`."""
+    return [sys.executable, str(Path(__file__).resolve()), "--rusage-out", str(usage_path), "--", *cmd]
+
+
+def read_peak_rss_mb(usage_path: Path) -> float:
+    """The peak RSS (MB) that the wrapper of `rusage_command` wrote; NaN when it wrote none."""
+    usage = json.loads(usage_path.read_text()) if usage_path.exists() else {}
+    return usage.get("maxrss_kb", float("nan")) / 1024.0
 
 
 def _rusage_wrapper(argv: list[str]) -> int:
@@ -320,6 +357,30 @@ def parse_result(stdout: str) -> dict[str, Any]:
     raise RuntimeError("worker printed no result line")
 
 
+def versions(packages: Sequence[str]) -> dict[str, str]:
+    """Installed version of each package ('absent' when not installed)."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def bench_main(
+    args: argparse.Namespace, run: Callable[[argparse.Namespace], Any], worker: Callable[[dict], Any]
+) -> None:
+    """Set up logging; a `--worker` process handles the JSON `--spec` it was given, the parent runs `run(args)`."""
+    setup_logging(args.verbose)
+    if args.worker:
+        worker(json.loads(Path(args.spec).read_text()))
+        return
+    run(args)
+
+
 def warm_page_cache(paths: Iterable[Path], block: int = 1 << 24) -> int:
     """Read files once so every loader is timed on a warm page cache; returns bytes read."""
     total = 0
@@ -340,8 +401,8 @@ def dir_size(path: Path) -> int:
 
 # -- output ------------------------------------------------------------------------------------
 def fmt_num(x: float, digits: int = 3) -> str:
-    """Human-readable number with thousands separators and ~`digits` significant figures."""
-    if x != x:  # NaN
+    """Human-readable number with thousands separators and ~`digits` significant figures; '–' for NaN/None."""
+    if x is None or x != x:  # NaN
         return "–"
     if abs(x) >= 100:
         return f"{x:,.0f}"
@@ -362,42 +423,56 @@ def write_json(path: Path, obj: Any) -> None:
 
 def bar_chart(
     path: Path,
-    cases: Sequence[str],
-    loaders: Sequence[str],
+    groups: Sequence[str],
+    series: Sequence[str],
     medians: dict[tuple[str, str], float],
     errors: dict[tuple[str, str], tuple[float, float]],
     ylabel: str,
     title: str,
     log: bool = True,
+    *,
+    annotations: dict[str, str] | None = None,
+    hline: float | None = None,
+    size: tuple[float, float, float, float] = (6.0, 2.2, 1.5, 4.2),
+    small_text: bool = False,
 ) -> None:
-    """Grouped bar chart: one group per case, one bar per loader, IQR as error bars."""
+    """Grouped bars (one group per case, one bar per series) with IQR whiskers; optional group notes.
+
+    The figure is max(size[0], size[1] * groups + size[2]) wide and size[3] high; `small_text`
+    sets the group labels in 8 pt and the title in 10 pt.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    width = 0.8 / max(1, len(loaders))
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(cases) + 1.5), 4.2))
-    for j, loader in enumerate(loaders):
+    width = 0.8 / max(1, len(series))
+    min_w, per_group, pad, height = size
+    fig, ax = plt.subplots(figsize=(max(min_w, per_group * len(groups) + pad), height))
+    for j, name in enumerate(series):
         xs, ys, lo, hi = [], [], [], []
-        for i, case in enumerate(cases):
-            if (case, loader) not in medians:
+        for i, g in enumerate(groups):
+            m = medians.get((g, name))
+            if m is None or m != m:
                 continue
-            m = medians[(case, loader)]
-            q25, q75 = errors.get((case, loader), (m, m))
-            xs.append(i + (j - (len(loaders) - 1) / 2) * width)
+            q25, q75 = errors.get((g, name), (m, m))
+            xs.append(i + (j - (len(series) - 1) / 2) * width)
             ys.append(m)
             lo.append(max(0.0, m - q25))
             hi.append(max(0.0, q75 - m))
-        bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=loader)
-        for b, y in zip(bars, ys):
+        bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=name)
+        for b, y in zip(bars, ys, strict=True):
             ax.annotate(fmt_num(y), (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(cases)))
-    ax.set_xticklabels(cases)
+    ax.set_xticks(range(len(groups)))
+    labels = [f"{g}\n{annotations[g]}" if annotations and g in annotations else g for g in groups]
+    small = {"fontsize": 8} if small_text else {}
+    ax.set_xticklabels(labels, **small)
+    if hline is not None:
+        ax.axhline(hline, color="grey", lw=0.8, ls="--")
     if log:
         ax.set_yscale("log")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, **({"fontsize": 10} if small_text else {}))
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

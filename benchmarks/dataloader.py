@@ -50,6 +50,7 @@ from _common import (
     Summary,
     ThroughputResult,
     bar_chart,
+    bench_main,
     dir_size,
     emit_result,
     fmt_num,
@@ -57,8 +58,7 @@ from _common import (
     parse_result,
     peak_rss_mb_self,
     run_measured,
-    setup_logging,
-    time_batches,
+    time_spec_batches,
     warm_page_cache,
     warmup_batches,
     write_json,
@@ -404,13 +404,11 @@ def worker_anndata(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _time(spec: dict[str, Any], make_iter, count, warmup: int) -> tuple:
-    return time_batches(
+    return time_spec_batches(
+        spec,
         make_iter,
         count,
-        warmup_batches=warmup,
-        repeats=spec["repeats"],
-        batches_per_repeat=spec["batches_per_repeat"],
-        max_seconds_per_repeat=spec["max_seconds_per_repeat"],
+        warmup,
         on_repeat=lambda r, res: logger.info("%s repeat %d: %.0f cells/s", spec["label"], r, res.cells_per_s),
     )
 
@@ -784,11 +782,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    setup_logging(args.verbose)
-    if args.worker:
-        emit_result(WORKERS[args.worker](json.loads(Path(args.spec).read_text())))
-        return
-    main_parent(args)
+    bench_main(args, main_parent, lambda spec: emit_result(WORKERS[args.worker](spec)))
 
 
 if __name__ == "__main__":
