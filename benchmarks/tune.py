@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--baselines", action="store_true", help="also score the baselines on val")
+    ap.add_argument("--combinations", choices=["direct", "compose"], help="predict's --combinations")
+    ap.add_argument("--reuse", help="predict with the trained runs of this variant instead of training")
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "tune")
     args = ap.parse_args()
     data, split, _ = prepare_case(args.case, REPO / "bench_out" / "quality" / "data")
@@ -43,11 +45,16 @@ def main() -> None:
         preds = {}
         if args.variant != "baselines":
             start = time.perf_counter()
-            sh([*CLI, "train", "--recipe", "tiny_cpu", "--data", str(data), "--split", str(split), "--output",
-                str(base / "run"), *scale_overrides(args.steps, seed), *args.overrides], base.with_suffix(".train.log"))  # fmt: skip
+            run = base / "run"
+            if args.reuse:
+                run = args.out / f"case_{args.case}" / args.reuse / f"seed{seed}" / "run"
+            else:
+                sh([*CLI, "train", "--recipe", "tiny_cpu", "--data", str(data), "--split", str(split), "--output",
+                    str(run), *scale_overrides(args.steps, seed), *args.overrides], base.with_suffix(".train.log"))  # fmt: skip
             wall = time.perf_counter() - start
-            sh([*CLI, "predict", "--checkpoint", str(base / "run"), "--data", str(data), "--split", str(split),
-                "--subset", "val", "--output", str(base / "PRED.h5ad"), "--overwrite"], base.with_suffix(".pred.log"))  # fmt: skip
+            extra = ["--combinations", args.combinations] if args.combinations else []
+            sh([*CLI, "predict", "--checkpoint", str(run), "--data", str(data), "--split", str(split),
+                "--subset", "val", "--output", str(base / "PRED.h5ad"), "--overwrite", *extra], base.with_suffix(".pred.log"))  # fmt: skip
             preds[args.variant] = base / "PRED.h5ad"
         else:
             wall = 0.0
@@ -60,8 +67,10 @@ def main() -> None:
             run_evaluate(pred, pred.with_name("REAL.h5ad"), "perturbation", "control", out, context_col="context",
                          profile="full", overwrite=True, report=False, progress=False)  # fmt: skip
             res = pd.read_csv(out / "results.csv")
+            overrides = " ".join(args.overrides + ([f"reuse={args.reuse}"] if args.reuse else [])
+                                 + ([f"combinations={args.combinations}"] if args.combinations else []))  # fmt: skip
             row = {"case": args.case, "variant": name, "seed": seed, "steps": args.steps,
-                   "overrides": " ".join(args.overrides), "train_s": round(wall, 1)}  # fmt: skip
+                   "overrides": overrides, "train_s": round(wall, 1)}  # fmt: skip
             row.update({m: round(float(res[m].mean()), 4) for m in METRICS})
             new = not rows_path.exists()
             with rows_path.open("a", newline="") as f:

@@ -221,11 +221,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     source = resolve(args.checkpoint)
     model, cfg, vocab = load_model(source)
     prior = load_prior(source, cfg)
-    priors = GroupPriors(prior, data) if prior is not None else None
+    priors = GroupPriors(prior, data, cover=cfg.model.prior_cover) if prior is not None else None
     predictor = model_predictor(model, VocabularyMap(vocab, data), steps=args.steps or cfg.flow.inference_steps)
     set_size = cfg.data.sampler.set_size
     plans = plan_predictions(data, groups, args.seed, cfg.data.sampler.control_matching)
-    pred_X = run_predictor(data, plans, predictor, set_size, args.seed, progress=not args.quiet, priors=priors)
+    compose = (args.combinations or cfg.flow.combinations) == "compose"
+    pred_X = run_predictor(
+        data, plans, predictor, set_size, args.seed, progress=not args.quiet, priors=priors, compose=compose
+    )
     pred, real = build_anndata(data, plans, pred_X, kind=f"scale:{args.checkpoint}")
     real_path = write_predictions(pred, real, Path(args.output), overwrite=args.overwrite)
     print(f"wrote {args.output} ({pred.n_obs:,} cells, {len(groups)} held-out groups) and {real_path}")
@@ -371,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", default="test", choices=["val", "test"])
     p.add_argument("--output", required=True, help="PRED.h5ad (REAL.h5ad is written beside it)")
     p.add_argument("--steps", type=int, help="integration steps (NFE); default from the config (1)")
+    p.add_argument(
+        "--combinations",
+        choices=["direct", "compose"],
+        help="predict A+B directly or as the sum of the predicted A and B shifts; default from the config",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_cmd_predict)

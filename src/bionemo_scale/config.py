@@ -141,6 +141,19 @@ class ScaleModelConfig(StrictModel):
     additive_prior: bool = Field(
         True, description="predict on top of the additive baseline's shift (leave-context-out training deltas)"
     )
+    prior_cover: bool = Field(
+        False,
+        description="drop a perturbation's parts whose in-context single shift the prior already sums "
+        "(a combination A+B), so their embeddings cannot add it twice; off: it lowered validation PDCorr "
+        "on Norman combinations (benchmarks/RESULTS_LOG.md)",
+    )
+    prior_self_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="fraction of training sets shown their own training shift as the prior with all parts "
+        "dropped: teaches that a covered prior is the answer (what prior_cover relies on)",
+    )
     # parameterisation
     latent_residual: bool = Field(True, description="endpoint = z_t + (1 - t) · head(h)")
     gene_residual: bool = Field(True, description="decoded cell = x0 + dec(ẑ1) − dec(z0), keeping control detail")
@@ -175,6 +188,11 @@ class FlowConfig(StrictModel):
     stop_grad_target: bool = Field(True, description="no gradient into the encoder through the latent target")
     inference_steps: int = Field(1, ge=1, description="NFE at prediction time (1 = one endpoint step)")
     solver: Literal["euler", "heun"] = "euler"
+    combinations: Literal["direct", "compose"] = Field(
+        "direct",
+        description="how a combination A+B whose singles exist in its context is predicted: 'direct' "
+        "conditions on A+B; 'compose' sums the model's predicted single shifts on the same control cells",
+    )
 
 
 class DataConfig(StrictModel):

@@ -165,7 +165,7 @@ def predict_all(data, split: Path, release: Path, out: Path) -> dict[str, Path]:
 
     model, cfg, vocab = load_release_model(release)
     prior = load_prior(release, cfg)
-    priors = GroupPriors(prior, data) if prior is not None else None
+    priors = GroupPriors(prior, data, cover=cfg.model.prior_cover) if prior is not None else None
     groups = held_out_groups(data, split, "test")
     plans = plan_predictions(data, groups, seed=0, control_matching=cfg.data.sampler.control_matching)
     set_size = cfg.data.sampler.set_size
@@ -174,7 +174,16 @@ def predict_all(data, split: Path, release: Path, out: Path) -> dict[str, Path]:
     predictors.update({m: make_baseline(m, data, labels) for m in METHODS})
     paths = {}
     for name, predictor in predictors.items():
-        pred_X = run_predictor(data, plans, predictor, set_size, seed=0, progress=False, priors=priors)
+        pred_X = run_predictor(
+            data,
+            plans,
+            predictor,
+            set_size,
+            seed=0,
+            progress=False,
+            priors=priors,
+            compose=name == "scale" and cfg.flow.combinations == "compose",
+        )
         pred, real = build_anndata(data, plans, pred_X, kind=name)
         paths[name] = out / name / "PRED.h5ad"
         write_predictions(pred, real, paths[name], overwrite=True)

@@ -67,6 +67,8 @@ def group_conditions(
     parts = torch.from_numpy(data.index.parts_matrix()[pert]).expand(n_sets, -1).contiguous()
     full = lambda v, dt: torch.full((n_sets,), v, dtype=dt)  # noqa: E731
     extra = {} if priors is None else {"prior": torch.from_numpy(priors(group)).expand(n_sets, -1).contiguous()}
+    if priors is not None:
+        parts = priors.uncover(torch.full((n_sets,), group, dtype=torch.long), parts)
     return extra | {
         "parts": parts,
         "dose": full(float(g.at[group, "dose"]), torch.float32),
@@ -74,6 +76,36 @@ def group_conditions(
         "batch_id": full(int(g.at[group, "batch_id"]), torch.long),
         "pert_id": full(pert, torch.long),
     }
+
+
+def composition_groups(data: ProcessedDataset, group: int) -> list[int]:
+    """The single-part groups a combination is composed of, in its context (same batch preferred).
+
+    Empty when `group` is not a combination or when any of its parts has no single-part group in
+    that context: then there is nothing to compose from and the combination is predicted directly.
+    """
+    idx, g = data.index, data.index.groups
+    parts = idx.pert_parts[int(g.at[group, "pert_id"])]
+    if len(parts) < 2:
+        return []
+    single_of = {pp[0]: pid for pid, pp in enumerate(idx.pert_parts) if len(pp) == 1}
+    ctx, batch = int(g.at[group, "context_id"]), int(g.at[group, "batch_id"])
+    out = []
+    for part in parts:
+        if part not in single_of:
+            return []
+        rows = g.index[(g["context_id"] == ctx) & (g["pert_id"] == single_of[part])]
+        if len(rows) == 0:
+            return []
+        same_batch = [r for r in rows if int(g.at[r, "batch_id"]) == batch]
+        out.append(int(same_batch[0] if same_batch else rows[0]))
+    return out
+
+
+def compose_shifts(ctrl: torch.Tensor, single_preds: list[torch.Tensor]) -> torch.Tensor:
+    """Control cells plus the sum of each single prediction's shift from them (log-expression ≥ 0)."""
+    shift = torch.stack([p.float() - ctrl.float() for p in single_preds]).sum(dim=0)
+    return (ctrl.float() + shift).clamp_min(0.0)
 
 
 def run_predictor(
@@ -84,8 +116,13 @@ def run_predictor(
     seed: int,
     progress: bool = True,
     priors: GroupPriors | None = None,
+    compose: bool = False,
 ) -> np.ndarray:
-    """Predicted expression for every planned cell, in plan order: [sum n_g, G]."""
+    """Predicted expression for every planned cell, in plan order: [sum n_g, G].
+
+    With `compose`, a combination whose parts all have single-part groups in its context is
+    predicted as the sum of the predicted single shifts on the same control sets (`flow.combinations`).
+    """
     out = []
     for plan in tqdm(plans, desc="predict", unit="pair", disable=not progress):
         n = plan.ctrl_rows.size
@@ -95,7 +132,13 @@ def run_predictor(
             rng = np.random.default_rng([seed, plan.group, 0xAD])
             rows = np.concatenate([rows, rng.choice(plan.ctrl_rows, n_sets * set_size - n)])
         ctrl = torch.from_numpy(data.gather(rows)).view(n_sets, set_size, -1)
-        pred = predictor(ctrl, group_conditions(data, plan.group, n_sets, priors))
+        singles = composition_groups(data, plan.group) if compose else []
+        if singles:
+            # unclamped single predictions: clamping each before the sum would bias zeros upward
+            raw = getattr(predictor, "unclamped", predictor)
+            pred = compose_shifts(ctrl, [raw(ctrl, group_conditions(data, s, n_sets, priors)) for s in singles])
+        else:
+            pred = predictor(ctrl, group_conditions(data, plan.group, n_sets, priors))
         out.append(pred.reshape(n_sets * set_size, -1)[:n].float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, data.n_genes), dtype=np.float32)
 
@@ -211,14 +254,22 @@ class VocabularyMap:
 
 
 def model_predictor(model, vocab_map: VocabularyMap, steps: int = 1, solver: str = "euler", max_sets: int = 64):
-    """A Predictor running `model.predict` on chunks of at most `max_sets` sets."""
+    """A Predictor running `model.predict` on chunks of at most `max_sets` sets.
 
-    def predict(ctrl: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+    Its `unclamped` attribute is the same predictor without the clamp at 0, for composition.
+    """
+
+    def run(ctrl: torch.Tensor, conditions: dict[str, torch.Tensor], clamp: bool) -> torch.Tensor:
         cond = vocab_map(conditions)
         outs = []
         for lo in range(0, ctrl.shape[0], max_sets):
             sl = slice(lo, lo + max_sets)
-            outs.append(model.predict(ctrl[sl], {k: v[sl] for k, v in cond.items()}, steps=steps, solver=solver))
+            part = {k: v[sl] for k, v in cond.items()}
+            outs.append(model.predict(ctrl[sl], part, steps=steps, solver=solver, clamp=clamp))
         return torch.cat(outs)
 
+    def predict(ctrl: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        return run(ctrl, conditions, clamp=True)
+
+    predict.unclamped = lambda ctrl, conditions: run(ctrl, conditions, clamp=False)  # type: ignore[attr-defined]
     return predict

@@ -54,3 +54,22 @@ def test_dropouts_are_off_by_default_and_independent() -> None:
     pert_drop = (both["parts"] == 5).any(dim=1)
     # separate random streams: the two masks are not the same draw
     assert not torch.equal(ctx_drop, pert_drop)
+
+
+def test_prior_self_cover_swaps_the_prior_and_drops_every_part() -> None:
+    batch = _batch()
+    n, g = batch["ctrl"].shape[0], batch["ctrl"].shape[2]
+    batch["prior"] = torch.zeros(n, g)
+    batch["prior_self"] = torch.arange(n, dtype=torch.float32)[:, None].expand(n, g).clone()
+    batch["prior_self_ok"] = torch.arange(n) % 4 != 0  # a quarter of the sets have no own shift
+    out = prepare_flow_batch(batch, FlowConfig(), seed=0, prior_self_rate=0.5)
+    swapped = out["prior"].abs().sum(dim=1) > 0
+    assert 0.25 < swapped.float().mean() < 0.5
+    assert not swapped[~batch["prior_self_ok"]].any()  # never without an own shift
+    torch.testing.assert_close(out["prior"][swapped], batch["prior_self"][swapped])
+    assert (out["parts"][swapped] == -1).all()
+    assert torch.equal(out["parts"][~swapped], batch["parts"][~swapped])
+    assert "prior_self" not in out and "prior_self_ok" not in out  # not model inputs
+    # off by default, and at prediction the batch keeps its prior
+    plain = prepare_flow_batch(batch, FlowConfig(), seed=0)
+    assert torch.equal(plain["prior"], batch["prior"]) and torch.equal(plain["parts"], batch["parts"])

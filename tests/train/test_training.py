@@ -136,3 +136,13 @@ def test_bad_training_input(demo_data: Path, tmp_path: Path) -> None:
         "train", "--recipe", "tiny_cpu", *base, "trainer.devices=3", "trainer.tensor_model_parallel_size=2"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_prior_cover_and_self_rate_reach_the_training_batches(demo_data: Path, base_run: Path, tmp_path: Path) -> None:
+    """The two prior options change what the model is shown (same seed, same sets otherwise)."""
+    out = tmp_path / "cover"
+    cli(*train_args(demo_data, out, 10, "model.prior_cover=true", "model.prior_self_rate=0.5"))
+    base, cover = read_losses(base_run / "train_loss.csv")[:10], read_losses(out / "train_loss.csv")
+    assert [s for s, _ in cover] == list(range(1, 11))
+    assert all(np.isfinite(v) for _, v in cover)
+    assert any(abs(a - b) > 1e-6 for (_, a), (_, b) in zip(base, cover, strict=True))

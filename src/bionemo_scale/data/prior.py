@@ -48,18 +48,35 @@ class AdditivePrior:
 
     def vector(self, context: str, pert: str) -> np.ndarray:
         """The additive prior for `pert` in `context` (target context always left out)."""
+        return self.composition(context, pert)[0]
+
+    def composition(self, context: str, pert: str) -> tuple[np.ndarray, tuple[str, ...]]:
+        """The prior, and the parts whose *in-context* single delta it already contains.
+
+        Those "covered" parts matter to the model: a combination A+B whose singles were trained
+        in this context gets δA + δB here, and the part embeddings of A and B (trained on the
+        singles, whose own prior is empty when no other context has them) would add their shift
+        a second time. With `model.prior_cover` the model drops covered parts from its tokens
+        (off by default: it did not raise validation PDCorr on Norman, benchmarks/RESULTS_LOG.md).
+        """
         seen = self._mean(pert, exclude_context=context)
         if seen is not None:
-            return seen
+            return seen, ()
         parts = split_combination(pert, self.combo_sep)
         shift = np.zeros(self.n_genes)
+        covered: list[str] = []
         if len(parts) > 1:
             for part in parts:
                 for single in sorted(set(self._single(part)))[:1]:
                     in_context = self.deltas.get((context, single))
-                    other = self._mean(single, exclude_context=None)
-                    shift += in_context if in_context is not None else other
-        return shift
+                    if in_context is not None:
+                        covered.append(part)
+                    shift += in_context if in_context is not None else self._mean(single, exclude_context=None)
+        return shift, tuple(covered)
+
+    def own(self, context: str, pert: str) -> np.ndarray | None:
+        """The pair's own training delta (None for pairs not trained): the self-cover target."""
+        return self.deltas.get((context, pert))
 
     def context_mean(self, context: str) -> np.ndarray:
         """Mean delta of all training perturbations in `context` (the context-mean baseline)."""
@@ -122,21 +139,54 @@ class AdditivePrior:
 
 
 class GroupPriors:
-    """Prior vectors per group of a dataset, computed once (the sampler's hot path reads them)."""
+    """Prior vectors per group of a dataset, computed once (the sampler's hot path reads them).
 
-    def __init__(self, prior: AdditivePrior, data) -> None:
+    With `cover=True` the parts already inside a group's prior (see `AdditivePrior.composition`)
+    are removed from its part ids, at training and prediction alike.
+    """
+
+    def __init__(self, prior: AdditivePrior, data, cover: bool = False) -> None:
         self.prior = prior
         self.data = data
-        self._cache: dict[int, np.ndarray] = {}
+        self.cover = cover
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._part_id = {p: i for i, p in enumerate(data.index.parts)}
+
+    def _labels(self, group: int) -> tuple[str, str]:
+        idx, g = self.data.index, self.data.index.groups
+        return idx.contexts[int(g.at[group, "context_id"])], idx.perturbations[int(g.at[group, "pert_id"])]
+
+    def _entry(self, group: int) -> tuple[np.ndarray, np.ndarray]:
+        """(prior vector, covered part ids) of a group, cached: the hot path reads it every step."""
+        if group not in self._cache:
+            vec, covered = self.prior.composition(*self._labels(group))
+            ids = np.array([self._part_id[p] for p in covered if p in self._part_id], dtype=np.int64)
+            self._cache[group] = (vec.astype(np.float32), ids)
+        return self._cache[group]
 
     def __call__(self, group: int) -> np.ndarray:
-        if group not in self._cache:
-            idx, g = self.data.index, self.data.index.groups
-            ctx = idx.contexts[int(g.at[group, "context_id"])]
-            pert = idx.perturbations[int(g.at[group, "pert_id"])]
-            self._cache[group] = self.prior.vector(ctx, pert).astype(np.float32)
-        return self._cache[group]
+        return self._entry(group)[0]
 
     def batch(self, groups: torch.Tensor) -> torch.Tensor:
         """[B, G] priors for a batch's `group_id` tensor."""
         return torch.from_numpy(np.stack([self(int(g)) for g in groups.tolist()]))
+
+    def uncover(self, groups: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+        """`parts` ([B, P], padded -1) with each group's covered parts set to -1 (no-op without cover)."""
+        if not self.cover:
+            return parts
+        out = parts.clone()
+        for row, g in enumerate(groups.tolist()):
+            ids = self._entry(int(g))[1]
+            if ids.size:
+                out[row][torch.isin(out[row], torch.from_numpy(ids))] = -1
+        return out
+
+    def own_batch(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, G] each group's own training delta (zeros when none), [B] whether it has one)."""
+        # not cached: a second [groups, G] table would double the cache for an option that is off by default
+        owns = [self.prior.own(*self._labels(int(g))) for g in groups.tolist()]
+        has = torch.tensor([o is not None for o in owns])
+        zeros = np.zeros(self.prior.n_genes, dtype=np.float32)
+        own = np.stack([zeros if o is None else o.astype(np.float32) for o in owns])
+        return torch.from_numpy(own), has

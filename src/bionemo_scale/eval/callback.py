@@ -109,7 +109,7 @@ class BiologicalMetricsCallback(pl.Callback):
     @torch.no_grad()
     def _predict_shard(self, pl_module, datamodule, plans: list) -> dict[int, np.ndarray]:
         """Predictions of this data-parallel rank's share of the groups (last stage only)."""
-        from bionemo_scale.predict import group_conditions
+        from bionemo_scale.predict import compose_shifts, composition_groups, group_conditions
 
         ps = _ps()
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -128,26 +128,35 @@ class BiologicalMetricsCallback(pl.Callback):
             if n_sets * s > n:
                 rows = np.concatenate([rows, rng.choice(plan.ctrl_rows, n_sets * s - n)])
             ctrl = torch.from_numpy(data.gather(rows)).view(n_sets, s, -1)
-            cond = group_conditions(data, plan.group, n_sets, datamodule.priors)
-            if datamodule._tables is not None:
-                from bionemo_scale.train.finetune import remap_batch
+            # the same rule as `predict`: a combination is composed from its singles when asked
+            singles = composition_groups(data, plan.group) if cfg.flow.combinations == "compose" else []
+            preds = []
+            for group in singles or [plan.group]:
+                cond = group_conditions(data, group, n_sets, datamodule.priors)
+                if datamodule._tables is not None:
+                    from bionemo_scale.train.finetune import remap_batch
 
-                cond = remap_batch(cond, datamodule._tables)
-            pred = self._forward(pl_module, ctrl, cond, s)
+                    cond = remap_batch(cond, datamodule._tables)
+                preds.append(self._forward(pl_module, ctrl, cond, s, clamp=not singles))
+            pred = None if any(p is None for p in preds) else preds[0]
+            if singles and pred is not None:
+                pred = compose_shifts(ctrl.to(preds[0].device), preds)
             if pred is not None and i < len(mine):
                 out[plan.group] = pred.reshape(n_sets * s, -1)[:n].float().cpu().numpy()
         return out
 
-    def _forward(self, pl_module, ctrl: torch.Tensor, cond: dict[str, torch.Tensor], set_size: int):
+    def _forward(self, pl_module, ctrl: torch.Tensor, cond: dict[str, torch.Tensor], set_size: int, clamp: bool = True):
         model = pl_module.unwrapped_model()
         device = next(model.parameters()).device
         ctrl = ctrl.to(device)
         cond = {k: v.to(device) for k, v in cond.items() if k != "pert_id"}
         if _ps().get_pipeline_model_parallel_world_size() == 1:
-            return model.predict(ctrl, cond, steps=self.steps)
-        return self._pipeline_forward(model, ctrl, cond, set_size)
+            return model.predict(ctrl, cond, steps=self.steps, clamp=clamp)
+        return self._pipeline_forward(model, ctrl, cond, set_size, clamp)
 
-    def _pipeline_forward(self, model, ctrl: torch.Tensor, cond: dict[str, torch.Tensor], set_size: int):
+    def _pipeline_forward(
+        self, model, ctrl: torch.Tensor, cond: dict[str, torch.Tensor], set_size: int, clamp: bool = True
+    ):
         """One endpoint step (NFE = 1) through megatron's forward-only pipeline schedule."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -161,7 +170,7 @@ class BiologicalMetricsCallback(pl.Callback):
             output = chunk(batch["ctrl"], batch["t"], batch["cond"], None)
 
             def collect(output_tensor):
-                x1 = output_tensor.x1_hat.clamp_min(0.0)
+                x1 = output_tensor.x1_hat.clamp_min(0.0) if clamp else output_tensor.x1_hat
                 return torch.zeros((), device=x1.device), {"x1_hat": x1.detach()}
 
             return output, collect

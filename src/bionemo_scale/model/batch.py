@@ -18,6 +18,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 STREAM_TIME = 1
 STREAM_CONTEXT_DROPOUT = 2
 STREAM_PERT_DROPOUT = 3
+STREAM_PRIOR_SELF = 4
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -56,6 +57,7 @@ def prepare_flow_batch(
     unknown_context: int | None = None,
     pert_dropout: float = 0.0,
     unknown_part: int | None = None,
+    prior_self_rate: float = 0.0,
     training: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Add `t`, couple `pert` to `ctrl` inside each set, and drop condition ids.
@@ -63,8 +65,12 @@ def prepare_flow_batch(
     Context dropout trains the unknown-context token (zero-shot contexts). Perturbation dropout
     replaces the perturbation's part ids by the unknown part, so the model must predict from the
     additive prior and the context alone: what carries over to pairs it never saw.
+
+    Prior self-cover (`prior_self` / `prior_self_ok` in the batch) swaps a set's prior for its own
+    training shift and drops all its parts: the model learns that a prior covering every part is
+    the answer, which is what a combination whose singles were seen in-context gets at prediction.
     """
-    out = dict(batch)
+    out = {k: v for k, v in batch.items() if k not in ("prior_self", "prior_self_ok")}
     index = batch["index"]
     if training:
         out["t"] = flow_time(hashed_uniform(index, seed, STREAM_TIME), flow.time_sampler)
@@ -80,6 +86,10 @@ def prepare_flow_batch(
             drop = hashed_uniform(index, seed, STREAM_PERT_DROPOUT) < pert_dropout
             parts = batch["parts"]
             out["parts"] = torch.where(drop[:, None] & (parts >= 0), torch.full_like(parts, unknown_part), parts)
+        if prior_self_rate > 0 and "prior_self" in batch and "prior" in batch:
+            swap = (hashed_uniform(index, seed, STREAM_PRIOR_SELF) < prior_self_rate) & batch["prior_self_ok"]
+            out["prior"] = torch.where(swap[:, None], batch["prior_self"].to(batch["prior"].dtype), batch["prior"])
+            out["parts"] = torch.where(swap[:, None], torch.full_like(out["parts"], -1), out["parts"])
     else:
         out["t"] = torch.zeros(index.shape[0], dtype=torch.float32, device=index.device)
     return out

@@ -49,7 +49,9 @@ class ScaleDataModule(pl.LightningDataModule):
             raise ScaleError("the split leaves no training pairs", "hold out fewer (context, perturbation) pairs")
         # The additive prior, from training pairs only (every rank computes the same tables).
         self.prior = AdditivePrior.from_data(self.data, self.labels) if cfg.model.additive_prior else None
-        self.priors = GroupPriors(self.prior, self.data) if self.prior is not None else None
+        self.priors = (
+            GroupPriors(self.prior, self.data, cover=cfg.model.prior_cover) if self.prior is not None else None
+        )
         gbs = cfg.global_batch_size
         self.data_sampler = MegatronDataSampler(
             seq_len=seq_length,

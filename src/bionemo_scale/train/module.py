@@ -113,10 +113,14 @@ class ScaleLightningModule(pl.LightningModule):
         if isinstance(batch, tuple) and len(batch) == 3:  # (batch, batch_idx, dataloader_idx)
             batch = batch[0]
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        if self.cfg.model.additive_prior:
-            batch["prior"] = self.trainer.datamodule.priors.batch(batch["group_id"])
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         training = self.trainer is not None and self.trainer.training
+        if self.cfg.model.additive_prior:
+            priors = self.trainer.datamodule.priors
+            batch["prior"] = priors.batch(batch["group_id"])
+            batch["parts"] = priors.uncover(batch["group_id"], batch["parts"])
+            if training and self.cfg.model.prior_self_rate > 0:
+                batch["prior_self"], batch["prior_self_ok"] = priors.own_batch(batch["group_id"])
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         return prepare_flow_batch(
             batch,
             self.cfg.flow,
@@ -125,6 +129,7 @@ class ScaleLightningModule(pl.LightningModule):
             unknown_context=self.cfg.model.n_contexts,
             pert_dropout=self.cfg.model.pert_dropout if training else 0.0,
             unknown_part=self.cfg.model.n_parts,
+            prior_self_rate=self.cfg.model.prior_self_rate if training else 0.0,
             training=True,  # validation loss is teacher-forced on the same kind of t
         )
 
