@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--baselines", action="store_true", help="also score the baselines on val")
     ap.add_argument("--combinations", choices=["direct", "compose"], help="predict's --combinations")
+    ap.add_argument("--prior-rank", help="with --variant baselines: also additive on the low-rank prior (K or auto)")
     ap.add_argument("--reuse", help="predict with the trained runs of this variant instead of training")
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "tune")
     args = ap.parse_args()
@@ -49,6 +51,7 @@ def main() -> None:
             if args.reuse:
                 run = args.out / f"case_{args.case}" / args.reuse / f"seed{seed}" / "run"
             else:
+                shutil.rmtree(run, ignore_errors=True)  # fresh: `train` would resume an old run's checkpoints
                 sh([*CLI, "train", "--recipe", "tiny_cpu", "--data", str(data), "--split", str(split), "--output",
                     str(run), *scale_overrides(args.steps, seed), *args.overrides], base.with_suffix(".train.log"))  # fmt: skip
             wall = time.perf_counter() - start
@@ -58,10 +61,13 @@ def main() -> None:
             preds[args.variant] = base / "PRED.h5ad"
         else:
             wall = 0.0
-            for m in ("additive", "context-mean", "control"):
+            runs = [(m, m, []) for m in ("additive", "context-mean", "control")]
+            if args.prior_rank:
+                runs.append(("additive-lowrank", "additive", ["--prior-rank", args.prior_rank]))
+            for name, m, extra in runs:
                 sh([*CLI, "baseline", "--method", m, "--data", str(data), "--split", str(split), "--subset", "val",
-                    "--output", str(base / m / "PRED.h5ad"), "--overwrite"], base.with_suffix(f".{m}.log"))  # fmt: skip
-                preds[m] = base / m / "PRED.h5ad"
+                    "--output", str(base / name / "PRED.h5ad"), "--overwrite", *extra], base.with_suffix(f".{name}.log"))  # fmt: skip
+                preds[name] = base / name / "PRED.h5ad"
         for name, pred in preds.items():
             out = base / "eval" / name
             run_evaluate(pred, pred.with_name("REAL.h5ad"), "perturbation", "control", out, context_col="context",

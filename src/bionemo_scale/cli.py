@@ -106,6 +106,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prior_rank_arg(value: str) -> int | str:
+    if value == "auto" or (value.isdigit() and int(value) > 0):
+        return value if value == "auto" else int(value)
+    raise argparse.ArgumentTypeError(f"'{value}' is not a positive integer or 'auto'")
+
+
 def _cmd_baseline(args: argparse.Namespace) -> int:
     from bionemo_scale.atomic import check_output_free
     from bionemo_scale.data.store import ProcessedDataset
@@ -115,7 +121,7 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     check_output_free(Path(args.output), args.overwrite)
     data = ProcessedDataset(args.data)
     groups = held_out_groups(data, args.split, args.subset)
-    predictor = make_baseline(args.method, data, data.split_labels(args.split))
+    predictor = make_baseline(args.method, data, data.split_labels(args.split), prior_rank=args.prior_rank)
     plans = plan_predictions(data, groups, args.seed)
     pred_X = run_predictor(data, plans, predictor, args.set_size, args.seed, progress=not args.quiet)
     pred, real = build_anndata(data, plans, pred_X, kind=f"baseline:{args.method}")
@@ -176,10 +182,13 @@ def _check_split(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from bionemo_scale.train.engine import train
+    from bionemo_scale.train.resume import check_resume
 
     _check_split(args)
     cfg = _job_config(args)
+    check_resume(cfg, Path(args.output), before_vocabulary=True)
+    from bionemo_scale.train.engine import train
+
     run = train(cfg, args.output)
     print(f"run written to {run} (checkpoints in {Path(run) / 'checkpoints'})")
     return 0
@@ -420,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="PRED.h5ad (REAL.h5ad is written beside it)")
     p.add_argument("--set-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--prior-rank",
+        type=_prior_rank_arg,
+        help="additive only: project its shift onto the top-K training-delta directions (K or 'auto')",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_cmd_baseline)
 

@@ -147,6 +147,11 @@ class ScaleModelConfig(StrictModel):
         "(a combination A+B), so their embeddings cannot add it twice; off: it lowered validation PDCorr "
         "on Norman combinations (benchmarks/RESULTS_LOG.md)",
     )
+    prior_rank: int | Literal["auto"] | None = Field(
+        None,
+        description="project the additive prior onto the top-k directions of the training deltas "
+        "(low-rank denoising); 'auto' picks k by 5-fold CV on training pairs; None: the raw prior",
+    )
     prior_self_rate: float = Field(
         0.0,
         ge=0,
@@ -297,12 +302,13 @@ class ScaleConfig(StrictModel):
         return self.data.global_batch_size or self.data.micro_batch_size * self.data_parallel_size
 
 
-def _flatten(data: dict[str, object], prefix: str = "") -> dict[str, object]:
+def flatten_config(data: dict[str, object], prefix: str = "") -> dict[str, object]:
+    """A nested config mapping as {"section.key": value}: the override and resume checks' view."""
     out: dict[str, object] = {}
     for key, value in data.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{path}."))
+            out.update(flatten_config(value, f"{path}."))
         else:
             out[path] = value
     return out
@@ -314,7 +320,7 @@ def apply_overrides(cfg: ScaleConfig, overrides: list[str]) -> ScaleConfig:
     An unknown key is an error that lists the valid keys, so typos never pass silently.
     """
     data = cfg.model_dump(mode="json")
-    valid = _flatten(data)
+    valid = flatten_config(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()

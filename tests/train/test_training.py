@@ -138,6 +138,21 @@ def test_bad_training_input(demo_data: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists()
 
 
+def test_resuming_with_other_settings_is_refused(demo_data: Path, base_run: Path, tmp_path: Path) -> None:
+    """A run directory's checkpoints continue only the run that wrote them (longer is fine)."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(base_run, run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    proc = cli(*train_args(demo_data, run, 30, "flow.pseudobulk_weight=3"), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "flow.pseudobulk_weight: 1.0 -> 3.0" in lines[0], proc.stderr[-3000:]
+    assert "new --output" in lines[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
 def test_prior_cover_and_self_rate_reach_the_training_batches(demo_data: Path, base_run: Path, tmp_path: Path) -> None:
     """The two prior options change what the model is shown (same seed, same sets otherwise)."""
     out = tmp_path / "cover"
@@ -146,3 +161,15 @@ def test_prior_cover_and_self_rate_reach_the_training_batches(demo_data: Path, b
     assert [s for s, _ in cover] == list(range(1, 11))
     assert all(np.isfinite(v) for _, v in cover)
     assert any(abs(a - b) > 1e-6 for (_, a), (_, b) in zip(base, cover, strict=True))
+
+
+def test_prior_rank_is_applied_and_saved_with_the_run(demo_data: Path, base_run: Path, tmp_path: Path) -> None:
+    """`model.prior_rank` changes the prior the model trains on, and the run keeps that basis."""
+    from bionemo_scale.data.prior import AdditivePrior
+
+    out = tmp_path / "rank"
+    cli(*train_args(demo_data, out, 10, "model.prior_rank=3"))
+    saved = AdditivePrior.load(out / "prior.safetensors")
+    assert saved.rank == 3 and AdditivePrior.load(base_run / "prior.safetensors").rank is None
+    base, ranked = read_losses(base_run / "train_loss.csv")[:10], read_losses(out / "train_loss.csv")
+    assert any(abs(a - b) > 1e-6 for (_, a), (_, b) in zip(base, ranked, strict=True))

@@ -14,7 +14,7 @@ Everything is keyed by labels, so a prior travels with a release to other datase
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bionemo_scale.data.index import split_combination
+from bionemo_scale.data.prior_rank import low_rank_basis, project, resolve_rank
 from bionemo_scale.errors import ScaleError
 
 PRIOR_CHUNK_ROWS = 4096  # rows per read while summing groups: bounds AdditivePrior.from_data's memory
@@ -29,22 +30,45 @@ PRIOR_CHUNK_ROWS = 4096  # rows per read while summing groups: bounds AdditivePr
 
 @dataclass
 class AdditivePrior:
-    """Training-pair deltas by (context label, perturbation label)."""
+    """Training-pair deltas by (context label, perturbation label).
+
+    With a `basis` ([k, G], orthonormal rows) every prior vector is projected onto its span: the
+    low-rank denoising of `bionemo_scale.data.prior_rank` (`model.prior_rank`).
+    """
 
     deltas: dict[tuple[str, str], np.ndarray]
     combo_sep: str = "+"
+    basis: np.ndarray | None = None
+    # lookups by perturbation and by single part, built on first use: a scan of every delta per
+    # query would make building the priors of all groups quadratic in the number of pairs
+    _by_pert: dict[str, list[tuple[str, np.ndarray]]] | None = field(default=None, init=False, repr=False)
+    _singles: dict[str, list[str]] | None = field(default=None, init=False, repr=False)
 
     @property
     def n_genes(self) -> int:
         return len(next(iter(self.deltas.values())))
 
+    def _index(self) -> None:
+        by_pert: dict[str, list[tuple[str, np.ndarray]]] = {}
+        singles: dict[str, list[str]] = {}
+        for (c, p), d in self.deltas.items():
+            by_pert.setdefault(p, []).append((c, d))
+            parts = split_combination(p, self.combo_sep)
+            if len(parts) == 1:
+                singles.setdefault(parts[0], []).append(p)
+        self._by_pert, self._singles = by_pert, singles
+
     def _mean(self, pert: str, exclude_context: str | None) -> np.ndarray | None:
-        rows = [d for (c, p), d in self.deltas.items() if p == pert and c != exclude_context]
+        if self._by_pert is None:
+            self._index()
+        rows = [d for c, d in self._by_pert.get(pert, ()) if c != exclude_context]  # type: ignore[union-attr]
         return np.mean(rows, axis=0) if rows else None
 
     def _single(self, part: str) -> list[str]:
-        """Labels of the single-part perturbation whose only part is `part`."""
-        return [p for (_, p) in self.deltas if split_combination(p, self.combo_sep) == [part]]
+        """Labels of the single-part perturbation whose only part is `part` (one per training pair)."""
+        if self._singles is None:
+            self._index()
+        return list(self._singles.get(part, ()))  # type: ignore[union-attr]
 
     def vector(self, context: str, pert: str) -> np.ndarray:
         """The additive prior for `pert` in `context` (target context always left out)."""
@@ -59,6 +83,10 @@ class AdditivePrior:
         a second time. With `model.prior_cover` the model drops covered parts from its tokens
         (off by default: it did not raise validation PDCorr on Norman, benchmarks/RESULTS_LOG.md).
         """
+        shift, covered = self._raw_composition(context, pert)
+        return (shift if self.basis is None else project(shift, self.basis)), covered
+
+    def _raw_composition(self, context: str, pert: str) -> tuple[np.ndarray, tuple[str, ...]]:
         seen = self._mean(pert, exclude_context=context)
         if seen is not None:
             return seen, ()
@@ -82,6 +110,25 @@ class AdditivePrior:
         """Mean delta of all training perturbations in `context` (the context-mean baseline)."""
         rows = [d for (c, _), d in self.deltas.items() if c == context]
         return np.mean(rows, axis=0) if rows else np.mean(list(self.deltas.values()), axis=0)
+
+    # -- low-rank denoising ----------------------------------------------------------------------
+    def with_rank(self, rank: int | str | None) -> AdditivePrior:
+        """This prior projected onto the top-`rank` directions of its deltas ("auto": chosen by CV).
+
+        Returns `self` unchanged when `rank` is off (None/0) or "auto" finds no rank that beats
+        the raw prior on held-out training pairs.
+        """
+        keys = sorted(self.deltas)
+        matrix = np.stack([self.deltas[k] for k in keys])
+        chosen = resolve_rank(rank, matrix, lambda: np.stack([self._raw_composition(*k)[0] for k in keys]))
+        if chosen is None:
+            return self
+        return AdditivePrior(self.deltas, self.combo_sep, basis=low_rank_basis(matrix, chosen))
+
+    @property
+    def rank(self) -> int | None:
+        """Rank of the projection (None: the raw prior)."""
+        return None if self.basis is None else int(self.basis.shape[0])
 
     # -- building and persistence --------------------------------------------------------------
     @classmethod
@@ -120,7 +167,10 @@ class AdditivePrior:
         keys = list(self.deltas)
         matrix = torch.from_numpy(np.stack([self.deltas[k] for k in keys]).astype(np.float32))
         meta = {"pairs": json.dumps([list(k) for k in keys]), "combo_sep": self.combo_sep}
-        save_file({"delta": matrix}, str(path), metadata=meta)
+        tensors = {"delta": matrix}
+        if self.basis is not None:
+            tensors["basis"] = torch.from_numpy(self.basis.astype(np.float32))
+        save_file(tensors, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> AdditivePrior:
@@ -133,9 +183,13 @@ class AdditivePrior:
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-        matrix = load_file(str(path))["delta"].numpy().astype(np.float64)
+        tensors = load_file(str(path))
+        matrix = tensors["delta"].numpy().astype(np.float64)
+        basis = tensors["basis"].numpy().astype(np.float64) if "basis" in tensors else None
         pairs = [tuple(p) for p in json.loads(meta["pairs"])]
-        return cls(deltas={p: matrix[i] for i, p in enumerate(pairs)}, combo_sep=meta.get("combo_sep", "+"))
+        return cls(
+            deltas={p: matrix[i] for i, p in enumerate(pairs)}, combo_sep=meta.get("combo_sep", "+"), basis=basis
+        )
 
 
 class GroupPriors:

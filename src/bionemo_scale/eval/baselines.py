@@ -31,12 +31,16 @@ METHODS: tuple[str, ...] = ("control", "additive", "context-mean")
 
 
 def make_baseline(
-    method: str, data: ProcessedDataset, split_labels: np.ndarray
+    method: str, data: ProcessedDataset, split_labels: np.ndarray, prior_rank: int | str | None = None
 ) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
-    """A predictor (ctrl [B,S,G], conditions) -> [B,S,G] for one baseline method."""
+    """A predictor (ctrl [B,S,G], conditions) -> [B,S,G] for one baseline method.
+
+    `prior_rank` denoises the additive shift as `model.prior_rank` does for SCALE: the ablation
+    that tells how much of a model's gain over additive is the denoised prior alone.
+    """
     if method not in METHODS:
         raise ScaleError(f"unknown baseline method '{method}'", f"use one of {list(METHODS)}")
-    prior = AdditivePrior.from_data(data, split_labels)
+    prior = AdditivePrior.from_data(data, split_labels).with_rank(prior_rank)
     contexts, perts = data.index.contexts, data.index.perturbations
     cache: dict[tuple[int, int], torch.Tensor] = {}
 

@@ -48,7 +48,11 @@ class ScaleDataModule(pl.LightningDataModule):
         if self.train_groups.size == 0:
             raise ScaleError("the split leaves no training pairs", "hold out fewer (context, perturbation) pairs")
         # The additive prior, from training pairs only (every rank computes the same tables).
-        self.prior = AdditivePrior.from_data(self.data, self.labels) if cfg.model.additive_prior else None
+        self.prior = (
+            AdditivePrior.from_data(self.data, self.labels).with_rank(cfg.model.prior_rank)
+            if cfg.model.additive_prior
+            else None
+        )
         self.priors = (
             GroupPriors(self.prior, self.data, cover=cfg.model.prior_cover) if self.prior is not None else None
         )

@@ -29,6 +29,7 @@ from bionemo_scale.config import ScaleConfig, dump_yaml
 from bionemo_scale.errors import ScaleError
 from bionemo_scale.parallel import optimizer_device_flags, patch_nemo_for_cpu
 from bionemo_scale.train import nemo_compat
+from bionemo_scale.train.resume import check_resume
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +307,7 @@ def train(
     if resolve_accelerator(cfg) == "cpu" and cfg.model.spec == "te":
         raise ScaleError("model.spec=te needs Transformer Engine on a GPU", "use model.spec=local on CPU")
     cfg, vocab = prepare_run(cfg, run_dir, gene_map)
+    check_resume(cfg, run_dir)
     pl.seed_everything(cfg.trainer.seed, workers=True)
     torch.use_deterministic_algorithms(cfg.trainer.deterministic, warn_only=True)
 

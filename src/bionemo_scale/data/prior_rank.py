@@ -1,0 +1,111 @@
+"""Low-rank denoising of the additive prior: project it onto the main directions of the training deltas.
+
+A held-out pair's additive prior is an average of a few noisy pseudobulk deltas (the same
+perturbation in the other contexts). Perturbation responses share a few programs, so the training
+deltas span a low-dimensional subspace and most of what lies outside it is sampling noise.
+Projecting the prior onto the top-k right singular vectors of the training delta matrix keeps the
+shared programs and drops that noise.
+
+k is a model choice, not a free parameter tuned on test pairs: `choose_rank` picks it by K-fold
+cross-validation over the *training* pairs (each fold's basis is built without that fold's
+deltas, and each pair is scored by the Pearson correlation of its projected leave-context-out
+prior with its own delta, which is what PDCorr measures on held-out pairs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+RANK_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+CV_FOLDS = 5
+CV_SEED = 0
+
+
+def low_rank_basis(deltas: np.ndarray, rank: int) -> np.ndarray:
+    """[k, G] orthonormal rows: the top-`rank` right singular vectors of `deltas` [pairs, G].
+
+    Not centred: the mean response direction (e.g. a shared stress program) is signal too.
+    """
+    if deltas.ndim != 2 or deltas.shape[0] == 0:
+        raise ValueError(f"deltas must be a non-empty [pairs, genes] matrix, got shape {deltas.shape}")
+    _, _, vt = np.linalg.svd(np.asarray(deltas, dtype=np.float64), full_matrices=False)
+    return vt[: min(rank, vt.shape[0])]
+
+
+def project(vector: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """`vector` restricted to the span of the rows of `basis`."""
+    return basis.T @ (basis @ vector)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(np.sqrt((a @ a) * (b @ b)))
+    return float(a @ b) / denom if denom > 0 else float("nan")
+
+
+def rank_scores(
+    deltas: np.ndarray,
+    priors: np.ndarray,
+    ranks: Sequence[int],
+    folds: int = CV_FOLDS,
+    seed: int = CV_SEED,
+) -> dict[int | None, float]:
+    """Mean cross-validated Pearson(projected prior, own delta) per rank; key None = no projection.
+
+    `deltas[i]` is training pair i's observed delta, `priors[i]` its leave-context-out prior.
+    Pairs whose prior is all zero (nothing known elsewhere) carry no information and are skipped.
+    """
+    usable = np.flatnonzero(np.abs(priors).sum(axis=1) > 0)
+    fold_of = np.random.default_rng(seed).permutation(usable.size) % folds
+    scores: dict[int | None, list[float]] = {r: [] for r in ranks} | {None: []}
+    for f in range(folds):
+        held = usable[fold_of == f]
+        if held.size == 0:
+            continue
+        keep = np.setdiff1d(np.arange(deltas.shape[0]), held)
+        if keep.size == 0:
+            continue
+        vt = low_rank_basis(deltas[keep], max(ranks))
+        for i in held:
+            scores[None].append(_pearson(priors[i], deltas[i]))
+            for r in ranks:
+                scores[r].append(_pearson(project(priors[i], vt[:r]), deltas[i]))
+    return {r: _nanmean(v) for r, v in scores.items()}
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def choose_rank(
+    deltas: np.ndarray, priors: np.ndarray, grid: Sequence[int] = RANK_GRID
+) -> tuple[int | None, dict[int | None, float]]:
+    """(best rank by cross-validation, or None when no projection beats the raw prior; all scores)."""
+    n_keep = deltas.shape[0] - -(-deltas.shape[0] // CV_FOLDS)
+    ranks = [r for r in grid if r < min(n_keep, deltas.shape[1])]
+    if not ranks or int((np.abs(priors).sum(axis=1) > 0).sum()) < CV_FOLDS:
+        return None, {}
+    scores = rank_scores(deltas, priors, ranks)
+    best = max(scores, key=lambda r: -np.inf if np.isnan(scores[r]) else scores[r])
+    logger.info(
+        "prior rank by %d-fold CV on training pairs: %s (%s)",
+        CV_FOLDS,
+        best if best is not None else "none",
+        ", ".join(f"{'full' if r is None else r}: {s:.3f}" for r, s in scores.items()),
+    )
+    return best, scores
+
+
+def resolve_rank(rank: int | str | None, deltas: np.ndarray, priors_of: Callable[[], np.ndarray]) -> int | None:
+    """The rank to use for a config value: None/0 = off, an int as given, "auto" = `choose_rank`."""
+    if rank is None or rank == 0:
+        return None
+    if rank == "auto":
+        return choose_rank(deltas, priors_of())[0]
+    return int(rank)

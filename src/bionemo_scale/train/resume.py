@@ -1,0 +1,65 @@
+"""Resuming a run directory: only the run that wrote the checkpoints may continue from them.
+
+Kept free of NeMo/megatron imports so the command line can refuse a bad resume at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bionemo_scale.config import ScaleConfig, flatten_config, load_yaml
+from bionemo_scale.errors import ScaleError
+
+# Settings a resumed run may change: how long it runs and how it is logged, validated and
+# checkpointed. Anything else (model, losses, optimiser, sampling, seeds, and the device layout,
+# which sets the global batch and the data order) would make the restored weights continue a
+# different run than the one they came from.
+RESUMABLE_KEYS = (
+    "name",
+    "data.path",
+    "data.num_workers",
+    "trainer.max_steps",
+    "trainer.val_check_interval",
+    "trainer.limit_val_batches",
+    "trainer.log_every_n_steps",
+    "checkpoint.",
+    "eval.",
+)
+
+
+# Filled from the data by `train` (engine.with_vocabulary): absent from a config before that.
+VOCAB_KEYS = ("model.n_genes", "model.n_parts", "model.n_contexts", "model.n_batches")
+
+
+def resume_conflicts(old: dict[str, object], new: dict[str, object], ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: old -> new` for every setting that differs and that a resumed run may not change."""
+    flat_old, flat_new = flatten_config(old), flatten_config(new)
+    out = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        if key in ignore or any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+            continue
+        a, b = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
+        if a != b:
+            out.append(f"{key}: {a} -> {b}")
+    return out
+
+
+def check_resume(cfg: ScaleConfig, run_dir: Path, before_vocabulary: bool = False) -> None:
+    """Refuse to resume a run whose checkpoints were trained with other settings.
+
+    `before_vocabulary`: the config's vocabulary sizes are not filled in yet (the CLI checks
+    before it imports the training stack, so the error stays a single line); they are skipped.
+    """
+    ckpts = run_dir / "checkpoints"
+    config = run_dir / "config.yaml"
+    if not (config.exists() and ckpts.is_dir() and any(ckpts.iterdir())):
+        return
+    ignore = VOCAB_KEYS if before_vocabulary else ()
+    conflicts = resume_conflicts(load_yaml(config), cfg.model_dump(mode="json"), ignore)
+    if conflicts:
+        raise ScaleError(
+            f"{run_dir} holds checkpoints of a run with other settings ({'; '.join(conflicts[:4])}"
+            + (f"; {len(conflicts) - 4} more" if len(conflicts) > 4 else "")
+            + "), so resuming it would not continue the same run",
+            "train into a new --output directory, or resume with the run's own config.yaml",
+        )

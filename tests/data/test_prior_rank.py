@@ -1,0 +1,104 @@
+"""Low-rank denoising of the additive prior: the projection, the CV that picks its rank, and the
+round trip through prior.safetensors (a run and its release must predict with the same prior)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bionemo_scale.data.prior import AdditivePrior
+from bionemo_scale.data.prior_rank import choose_rank, low_rank_basis, project, rank_scores, resolve_rank
+
+
+def _screen(n_ctx: int = 5, n_pert: int = 40, genes: int = 60, programs: int = 3, noise: float = 0.6, seed: int = 0):
+    """Deltas of a screen whose responses live in `programs` dimensions, plus per-pair noise."""
+    rng = np.random.default_rng(seed)
+    loadings = rng.normal(size=(programs, genes))
+    effect = rng.normal(size=(n_pert, programs))
+    return {
+        (f"c{c}", f"p{p}"): effect[p] @ loadings + noise * rng.normal(size=genes)
+        for c in range(n_ctx)
+        for p in range(n_pert)
+    }, effect @ loadings
+
+
+def test_the_basis_is_orthonormal_and_the_projection_idempotent() -> None:
+    rng = np.random.default_rng(1)
+    basis = low_rank_basis(rng.normal(size=(20, 12)), 4)
+    assert basis.shape == (4, 12)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(4), atol=1e-10)
+    v = rng.normal(size=12)
+    np.testing.assert_allclose(project(project(v, basis), basis), project(v, basis), atol=1e-10)
+    # a rank above the matrix's is capped, not an error
+    assert low_rank_basis(rng.normal(size=(3, 12)), 10).shape == (3, 12)
+    with pytest.raises(ValueError, match="non-empty"):
+        low_rank_basis(np.zeros((0, 12)), 2)
+
+
+def test_cv_finds_the_true_rank_of_a_low_rank_screen() -> None:
+    deltas, _ = _screen(noise=1.0)
+    prior = AdditivePrior(deltas)
+    keys = sorted(deltas)
+    matrix = np.stack([deltas[k] for k in keys])
+    priors = np.stack([prior.vector(*k) for k in keys])
+    best, scores = choose_rank(matrix, priors)
+    assert best == 3, scores
+    assert scores[3] > scores[None] + 0.02  # the projection is worth it, not a tie
+
+
+def test_cv_declines_when_the_responses_are_full_rank() -> None:
+    # every gene an independent response: no subspace to project on, so "auto" must not project
+    rng = np.random.default_rng(2)
+    truth = rng.normal(size=(40, 30))
+    deltas = {(f"c{c}", f"p{p}"): truth[p] + 0.3 * rng.normal(size=30) for c in range(4) for p in range(40)}
+    prior = AdditivePrior(deltas).with_rank("auto")
+    assert prior.rank is None
+
+
+def test_pairs_with_an_empty_prior_are_not_scored() -> None:
+    deltas = np.eye(6)
+    priors = np.zeros((6, 6))
+    priors[:5] = np.eye(6)[:5]
+    scores = rank_scores(deltas, priors, ranks=[1, 2], folds=5)
+    assert set(scores) == {1, 2, None}
+    assert choose_rank(deltas, np.zeros((6, 6)))[0] is None  # nothing to score at all
+
+
+def test_denoising_brings_a_held_out_prior_closer_to_the_truth() -> None:
+    deltas, truth = _screen(seed=3)
+    held = ("c0", "p7")
+    train = {k: v for k, v in deltas.items() if k != held}
+    raw, denoised = AdditivePrior(train), AdditivePrior(train).with_rank("auto")
+    assert denoised.rank == 3
+    err_raw = np.linalg.norm(raw.vector(*held) - truth[7])
+    err_denoised = np.linalg.norm(denoised.vector(*held) - truth[7])
+    assert err_denoised < 0.7 * err_raw
+    # composition results are projected too, and the covered parts are unchanged
+    combo = {("c0", "p1"): deltas[("c0", "p1")], ("c0", "p2"): deltas[("c0", "p2")], **train}
+    vec, covered = AdditivePrior(combo, basis=denoised.basis).composition("c0", "p1+p2")
+    np.testing.assert_allclose(vec, project(deltas[("c0", "p1")] + deltas[("c0", "p2")], denoised.basis))
+    assert covered == ("p1", "p2")
+
+
+def test_resolve_rank_reads_the_config_values() -> None:
+    deltas, _ = _screen()
+    matrix = np.stack(list(deltas.values()))
+    never = lambda: pytest.fail("the CV must not run for a fixed rank")  # noqa: E731
+    assert resolve_rank(None, matrix, never) is None
+    assert resolve_rank(0, matrix, never) is None
+    assert resolve_rank(5, matrix, never) == 5
+    assert AdditivePrior(deltas).with_rank(None).basis is None
+
+
+def test_the_basis_survives_save_and_load(tmp_path: Path) -> None:
+    deltas, _ = _screen(n_pert=10)
+    prior = AdditivePrior(deltas).with_rank(4)
+    prior.save(tmp_path / "prior.safetensors")
+    loaded = AdditivePrior.load(tmp_path / "prior.safetensors")
+    assert loaded.rank == 4
+    np.testing.assert_allclose(loaded.vector("c1", "p2"), prior.vector("c1", "p2"), atol=1e-5)
+    # a prior saved without a basis loads without one (files from before prior_rank)
+    AdditivePrior(deltas).save(tmp_path / "raw.safetensors")
+    assert AdditivePrior.load(tmp_path / "raw.safetensors").basis is None

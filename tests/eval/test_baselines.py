@@ -1,0 +1,71 @@
+"""The additive baseline, raw and on the low-rank prior (the ablation beside SCALE's `model.prior_rank`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bionemo_scale.config import SynthConfig
+from bionemo_scale.data.prior import AdditivePrior
+from bionemo_scale.data.splits import SplitSpec
+from bionemo_scale.data.store import ProcessedDataset
+from bionemo_scale.data.synth import write_synthetic_dataset
+from bionemo_scale.errors import ScaleError
+from bionemo_scale.eval.baselines import make_baseline
+
+SMALL = SynthConfig(
+    n_cells=4000, n_genes=80, n_programs=4, n_contexts=3, n_batches=1, n_perturbations=8, chunk_rows=900
+)
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory: pytest.TempPathFactory) -> tuple[ProcessedDataset, np.ndarray]:
+    out = tmp_path_factory.mktemp("baselines") / "ds"
+    write_synthetic_dataset(out, SMALL, progress=False)
+    data = ProcessedDataset(out)
+    perts = data.index.perturbations[1:3]
+    labels = data.split_labels(SplitSpec(fewshot={data.index.contexts[0]: {"val": [], "test": list(perts)}}))
+    return data, labels
+
+
+def _conditions(data: ProcessedDataset, group: int) -> dict[str, torch.Tensor]:
+    g = data.index.groups
+    return {
+        "context_id": torch.tensor([int(g.at[group, "context_id"])]),
+        "pert_id": torch.tensor([int(g.at[group, "pert_id"])]),
+    }
+
+
+def test_additive_on_the_low_rank_prior_is_the_projected_shift(screen) -> None:
+    data, labels = screen
+    group = int(np.flatnonzero(labels == "test")[0])
+    ctrl = torch.rand(1, 5, data.n_genes) + 2.0  # far from 0: the clamp does not act
+    cond = _conditions(data, group)
+    raw = make_baseline("additive", data, labels)(ctrl, cond)
+    ranked = make_baseline("additive", data, labels, prior_rank=2)(ctrl, cond)
+    prior = AdditivePrior.from_data(data, labels).with_rank(2)
+    ctx = data.index.contexts[int(cond["context_id"])]
+    pert = data.index.perturbations[int(cond["pert_id"])]
+    expected = ctrl + torch.from_numpy(prior.vector(ctx, pert).astype(np.float32))
+    torch.testing.assert_close(ranked, expected)
+    assert not torch.allclose(raw, ranked)
+
+
+def test_unknown_method_is_a_clear_error(screen) -> None:
+    data, labels = screen
+    with pytest.raises(ScaleError, match="unknown baseline method 'median'"):
+        make_baseline("median", data, labels)
+
+
+def test_the_cli_rejects_a_bad_rank(tmp_path: Path) -> None:
+    import argparse
+
+    from bionemo_scale.cli import _prior_rank_arg
+
+    assert _prior_rank_arg("auto") == "auto" and _prior_rank_arg("12") == 12
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive integer or 'auto'"):
+            _prior_rank_arg(bad)

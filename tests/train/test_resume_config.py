@@ -1,0 +1,58 @@
+"""Which settings a resumed run may change (pure checks; the CLI refusal is in test_training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bionemo_scale.config import dump_yaml
+from bionemo_scale.errors import ScaleError
+from bionemo_scale.recipes import get_recipe
+from bionemo_scale.train.resume import check_resume, resume_conflicts
+
+
+def _cfg(**updates: object):
+    cfg = get_recipe("tiny_cpu")
+    for dotted, value in updates.items():
+        section, key = dotted.split("__")
+        cfg = cfg.model_copy(update={section: getattr(cfg, section).model_copy(update={key: value})})
+    return cfg
+
+
+def test_longer_runs_and_new_checkpoint_settings_may_resume() -> None:
+    old = _cfg().model_dump(mode="json")
+    new = _cfg(trainer__max_steps=5000, trainer__val_check_interval=7, checkpoint__save_top_k=3, data__num_workers=2)
+    assert resume_conflicts(old, new.model_dump(mode="json")) == []
+
+
+def test_model_loss_and_seed_changes_are_conflicts() -> None:
+    old = _cfg().model_dump(mode="json")
+    new = _cfg(model__prior_rank="auto", flow__pseudobulk_weight=10.0, trainer__seed=7, trainer__devices=2)
+    assert resume_conflicts(old, new.model_dump(mode="json")) == [
+        "flow.pseudobulk_weight: 1.0 -> 10.0",
+        "model.prior_rank: None -> auto",
+        "trainer.devices: 1 -> 2",
+        "trainer.seed: 1234 -> 7",
+    ]
+
+
+def test_check_resume_reads_the_run_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_yaml(_cfg()))
+    check_resume(_cfg(optim__lr=0.5), run)  # no checkpoints yet: nothing to continue, nothing to refuse
+    (run / "checkpoints" / "step=9-last").mkdir(parents=True)
+    check_resume(_cfg(trainer__max_steps=900), run)
+    with pytest.raises(ScaleError, match=r"optim.lr: 0.001 -> 0.5.*new --output"):
+        check_resume(_cfg(optim__lr=0.5), run)
+
+
+def test_the_early_check_skips_the_vocabulary_sizes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step=9-last").mkdir(parents=True)
+    trained = _cfg(model__n_genes=500, model__n_parts=40)  # what train wrote, vocabulary filled in
+    (run / "config.yaml").write_text(dump_yaml(trained))
+    check_resume(_cfg(), run, before_vocabulary=True)  # the CLI's config, before the data is read
+    with pytest.raises(ScaleError, match=r"model\.n_genes: 500 -> 0"):
+        check_resume(_cfg(), run)
