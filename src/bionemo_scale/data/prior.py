@@ -87,6 +87,7 @@ class AdditivePrior:
         return (shift if self.basis is None else project(shift, self.basis)), covered
 
     def _raw_composition(self, context: str, pert: str) -> tuple[np.ndarray, tuple[str, ...]]:
+        """`composition` before the low-rank projection (what the rank CV scores projections of)."""
         seen = self._mean(pert, exclude_context=context)
         if seen is not None:
             return seen, ()
