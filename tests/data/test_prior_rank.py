@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from bionemo_scale.data.prior import AdditivePrior
-from bionemo_scale.data.prior_rank import choose_rank, low_rank_basis, project, rank_scores, resolve_rank
+from bionemo_scale.data.prior_rank import (
+    choose_rank,
+    low_rank_basis,
+    project,
+    rank_scores,
+    resolve_rank,
+    top_directions,
+)
 
 
 def _screen(n_ctx: int = 5, n_pert: int = 40, genes: int = 60, programs: int = 3, noise: float = 0.6, seed: int = 0):
@@ -35,6 +42,21 @@ def test_the_basis_is_orthonormal_and_the_projection_idempotent() -> None:
     assert low_rank_basis(rng.normal(size=(3, 12)), 10).shape == (3, 12)
     with pytest.raises(ValueError, match="non-empty"):
         low_rank_basis(np.zeros((0, 12)), 2)
+
+
+def test_many_pairs_take_the_gram_route_to_the_same_subspace() -> None:
+    # more pairs than genes (Tahoe's shape): eigenvectors of DᵀD span what the SVD's top rows span
+    rng = np.random.default_rng(4)
+    tall = rng.normal(size=(300, 3)) @ rng.normal(size=(3, 25)) + 0.05 * rng.normal(size=(300, 25))
+    gram_basis = low_rank_basis(tall, 3)
+    svd_basis = np.linalg.svd(tall, full_matrices=False)[2][:3]
+    np.testing.assert_allclose(gram_basis.T @ gram_basis, svd_basis.T @ svd_basis, atol=1e-8)
+    # a rank-2 Gram yields two directions however many are asked for
+    low = rng.normal(size=(40, 2)) @ rng.normal(size=(2, 10))
+    assert top_directions(low.T @ low, 6).shape == (2, 10)
+    # the CV downdates that Gram per fold and still finds the true rank
+    priors = tall + 0.5 * rng.normal(size=tall.shape)
+    assert choose_rank(tall, priors)[0] == 3
 
 
 def test_cv_finds_the_true_rank_of_a_low_rank_screen() -> None:

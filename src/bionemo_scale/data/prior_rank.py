@@ -33,8 +33,23 @@ def low_rank_basis(deltas: np.ndarray, rank: int) -> np.ndarray:
     """
     if deltas.ndim != 2 or deltas.shape[0] == 0:
         raise ValueError(f"deltas must be a non-empty [pairs, genes] matrix, got shape {deltas.shape}")
-    _, _, vt = np.linalg.svd(np.asarray(deltas, dtype=np.float64), full_matrices=False)
+    deltas = np.asarray(deltas, dtype=np.float64)
+    if deltas.shape[0] > deltas.shape[1]:  # more pairs than genes (Tahoe scale): the G x G Gram is cheaper
+        return top_directions(deltas.T @ deltas, rank)
+    _, _, vt = np.linalg.svd(deltas, full_matrices=False)
     return vt[: min(rank, vt.shape[0])]
+
+
+def top_directions(gram: np.ndarray, rank: int) -> np.ndarray:
+    """[k, G]: the top eigenvectors of a Gram matrix DᵀD, i.e. the top right singular vectors of D.
+
+    Directions with a (numerically) zero eigenvalue are not returned, so k ≤ rank of D, as
+    with the SVD.
+    """
+    values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(values)[::-1]
+    order = order[values[order] > 1e-10 * max(float(values[order[0]]), 1e-300)][:rank]
+    return vectors[:, order].T
 
 
 def project(vector: np.ndarray, basis: np.ndarray) -> np.ndarray:
@@ -60,9 +75,12 @@ def rank_scores(
     `deltas[i]` is training pair i's observed delta, `priors[i]` its leave-context-out prior.
     Pairs whose prior is all zero (nothing known elsewhere) carry no information and are skipped.
     """
+    deltas = np.asarray(deltas, dtype=np.float64)
     usable = np.flatnonzero(np.abs(priors).sum(axis=1) > 0)
     fold_of = np.random.default_rng(seed).permutation(usable.size) % folds
     scores: dict[int | None, list[float]] = {r: [] for r in ranks} | {None: []}
+    # Many pairs: downdate one Gram matrix per fold instead of copying [pairs, G] for an SVD.
+    gram = deltas.T @ deltas if deltas.shape[0] > deltas.shape[1] else None
     for f in range(folds):
         held = usable[fold_of == f]
         if held.size == 0:
@@ -70,7 +88,10 @@ def rank_scores(
         keep = np.setdiff1d(np.arange(deltas.shape[0]), held)
         if keep.size == 0:
             continue
-        vt = low_rank_basis(deltas[keep], max(ranks))
+        if gram is not None:
+            vt = top_directions(gram - deltas[held].T @ deltas[held], max(ranks))
+        else:
+            vt = low_rank_basis(deltas[keep], max(ranks))
         for i in held:
             scores[None].append(_pearson(priors[i], deltas[i]))
             for r in ranks:
