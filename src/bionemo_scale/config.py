@@ -176,6 +176,15 @@ class ScaleModelConfig(StrictModel):
     def encoder_width(self) -> int:
         return self.encoder_hidden_size or 2 * self.hidden_size
 
+    @field_validator("prior_rank", mode="before")
+    @classmethod
+    def _prior_rank(cls, value: object) -> object:
+        """One clear message instead of pydantic's per-member union errors."""
+        ok = value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+        if not ok:
+            raise ValueError(f"must be a positive integer, 'auto' or null (0 also means off), not {value!r}")
+        return value
+
 
 class FlowConfig(StrictModel):
     """Conditional transport and endpoint supervision."""

@@ -17,6 +17,7 @@ from bionemo_scale.data.prior_rank import (
     resolve_rank,
     top_directions,
 )
+from bionemo_scale.errors import ScaleError
 
 
 def _screen(n_ctx: int = 5, n_pert: int = 40, genes: int = 60, programs: int = 3, noise: float = 0.6, seed: int = 0):
@@ -112,6 +113,8 @@ def test_resolve_rank_reads_the_config_values() -> None:
     assert resolve_rank(0, matrix, never) is None
     assert resolve_rank(5, matrix, never) == 5
     assert AdditivePrior(deltas).with_rank(None).basis is None
+    with pytest.raises(ValueError, match="positive integer"):
+        resolve_rank(-2, matrix, never)
 
 
 def test_the_basis_survives_save_and_load(tmp_path: Path) -> None:
@@ -124,3 +127,15 @@ def test_the_basis_survives_save_and_load(tmp_path: Path) -> None:
     # a prior saved without a basis loads without one (files from before prior_rank)
     AdditivePrior(deltas).save(tmp_path / "raw.safetensors")
     assert AdditivePrior.load(tmp_path / "raw.safetensors").basis is None
+
+
+@pytest.mark.parametrize("bad", [-2, "lots", True, 2.5])
+def test_the_config_refuses_a_bad_rank(bad: object) -> None:
+    # a negative rank would silently slice the basis from the end (vt[:-2]): it must not get that far
+    from bionemo_scale.config import apply_overrides
+    from bionemo_scale.recipes import get_recipe
+
+    with pytest.raises(ScaleError, match=r"invalid .*model\.prior_rank: must be a positive integer, 'auto' or null"):
+        apply_overrides(get_recipe("tiny_cpu"), [f"model.prior_rank={bad}"])
+    for good, expected in (("auto", "auto"), ("16", 16), ("0", 0), ("null", None)):
+        assert apply_overrides(get_recipe("tiny_cpu"), [f"model.prior_rank={good}"]).model.prior_rank == expected

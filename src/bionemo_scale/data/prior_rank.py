@@ -129,4 +129,6 @@ def resolve_rank(rank: int | str | None, deltas: np.ndarray, priors_of: Callable
         return None
     if rank == "auto":
         return choose_rank(deltas, priors_of())[0]
-    return int(rank)
+    if not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"prior rank must be a positive integer, 'auto' or None, not {rank!r}")
+    return rank
