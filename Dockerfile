@@ -17,6 +17,10 @@
 #   nemo:26.02  NeMo 2.7.0, Megatron Core 0.16 (main), TE 2.12, PyTorch 2.10, CUDA 13.0.2
 # 26.02 is the first container on the NeMo 2.7 line that this package is written for, and its
 # megatron-core satisfies our floor (>=0.15.3); the CPU shim in parallel.py is not used on GPU.
+# KNOWN GAP, unverified: 26.02's NeMo 2.7.0 is below pyproject's floor (nemo-toolkit>=2.7.3), and
+# we measured NeMo 2.7.3 failing with megatron-core 0.16.1 on CPU. Step 3 installs with --no-deps,
+# so pip does not catch the mismatch; the image's own pairing is NVIDIA's, but our code was only
+# run against NeMo 2.7.3 + megatron-core 0.15.3. gpu.yml (the GPU tests in this image) is the check.
 # Override with --build-arg BASE=... (e.g. a 26.02.xx patch tag, or a BioNeMo framework image
 # nvcr.io/nvidia/clara/bionemo-framework:<tag> built on NeMo >= 2.7).
 ARG BASE=nvcr.io/nvidia/nemo:26.02

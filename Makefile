@@ -62,11 +62,12 @@ bench-quality: $(STAMP) $(BENCH_STAMP)
 
 bench-throughput: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/throughput.py --omp-wait-policy passive
+	$(PY) benchmarks/model_step.py --omp-wait-policy passive --genes 1000 2000 --threads 2
 
 bench-data: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/dataloader.py
 	$(PY) benchmarks/preprocess_scale.py
-	$(PY) benchmarks/metrics.py
+	$(PY) benchmarks/metrics.py --workdir bench_out/metrics
 
 constraints: $(STAMP)
 	( echo "# The measured CPU development stack: pip check clean. Regenerate with make constraints."; \

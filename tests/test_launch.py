@@ -38,6 +38,8 @@ TAHOE_ARGS = [
     "/lustre/data/tahoe100m_split.toml",
     "--output",
     "/lustre/runs/tahoe_pretrain",
+    "--image",
+    "nvcr.io/your-org/bionemo-scale:0.1.0",
     "--dry-run",
 ]
 
@@ -51,6 +53,8 @@ def run_cli(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, s
 def launch_args(recipe: str, nodes: int, gpus: int, executor: str, *extra: str, **paths: str) -> list[str]:
     """`launch` argv; data/split/output default to placeholders (dry runs never read them)."""
     where = {"data": "d", "split": "s", "output": "o", **paths}
+    if executor == "slurm" and "--image" not in extra:
+        extra = ("--image", "registry.example/bionemo-scale:dev", *extra)
     return [
         *["launch", "--recipe", recipe, "--nodes", str(nodes), "--gpus-per-node", str(gpus), "--executor", executor],
         *["--data", where["data"], "--split", where["split"], "--output", where["output"]],
@@ -110,7 +114,7 @@ def test_slurm_dry_run_script(capsys) -> None:
 
     # srun in the container, with data, split and output visible at the same paths.
     argv = srun_command(script)
-    assert "--container-image=nvcr.io/nvidia/clara/bionemo-framework:nightly" in argv
+    assert "--container-image=nvcr.io/your-org/bionemo-scale:0.1.0" in argv
     assert "--kill-on-bad-exit=1" in argv
     mounts = mounts_of(script)
     for path in ("/lustre/data/tahoe100m_scdl", "/lustre/data/tahoe100m_split.toml", "/lustre/runs/tahoe_pretrain"):
@@ -220,6 +224,16 @@ def test_slurm_paths_become_absolute_and_split_col_is_not_mounted(capsys, tmp_pa
     assert covered(str(tmp_path / "data"), mounts) and covered(str(tmp_path / "runs" / "x"), mounts)
     assert len(mounts) == 3  # /scratch, tmp_path (data's parent), tmp_path/runs: nothing for split-col
     assert "--container-image=registry.example/bionemo-scale:dev" in srun_command(script)
+
+
+def test_slurm_needs_an_image_with_the_package(capsys) -> None:
+    """No public image contains bionemo-scale, so a default image would fail on the cluster."""
+    args = TAHOE_ARGS[:]
+    del args[args.index("--image") : args.index("--image") + 2]
+    code, stdout, err = run_cli(capsys, args)
+    assert code == 2 and stdout == ""
+    line = one_error_line(err)
+    assert "--image is required" in line and "Dockerfile" in line
 
 
 def test_slurm_partition_and_account(capsys) -> None:

@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--time", default="04:00:00")
-    p.add_argument("--image", default="nvcr.io/nvidia/clara/bionemo-framework:nightly")
+    p.add_argument("--image", help="Slurm: the container built from this repo's Dockerfile (required there)")
     p.add_argument("--mount", action="append", help="extra container mounts SRC:DST (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the command or sbatch script, run nothing")
     p.add_argument("overrides", nargs="*")

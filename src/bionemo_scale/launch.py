@@ -16,7 +16,10 @@ from pathlib import Path
 
 from bionemo_scale.errors import ScaleError
 
-DEFAULT_IMAGE = "nvcr.io/nvidia/clara/bionemo-framework:nightly"
+#: The Slurm job runs `bionemo-scale` inside this image, so it must be one built from this
+#: repository's Dockerfile and pushed where the cluster can pull it; no public image has the
+#: package, so there is no default.
+IMAGE_FIX = "build the Dockerfile, push it where the cluster can pull it, and pass --image REGISTRY/bionemo-scale:TAG"
 SPLIT_COL = "split-col"  # --split value that is not a path
 
 
@@ -37,7 +40,7 @@ class LaunchSpec:
     partition: str | None = None
     account: str | None = None
     time: str = "04:00:00"
-    image: str = DEFAULT_IMAGE
+    image: str | None = None
     mounts: list[str] = field(default_factory=list)
     master_port: int = 29500
 
@@ -118,6 +121,8 @@ def slurm_script(spec: LaunchSpec) -> str:
     Paths become absolute: the container starts in its own working directory, and the mounts
     (the parent directories of data, split and output) are bound at the same absolute paths.
     """
+    if not spec.image:
+        raise ScaleError("--image is required with --executor slurm (no public image has bionemo-scale)", IMAGE_FIX)
     spec = spec.absolute()
     header = [
         "#!/bin/bash",
