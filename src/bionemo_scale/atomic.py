@@ -17,9 +17,17 @@ from bionemo_scale.errors import ScaleError
 
 
 def check_output_free(path: Path, overwrite: bool) -> None:
-    """Fail early, before any work, when `path` exists and may not be replaced."""
+    """Fail early, before any work, when `path` exists and may not be replaced, or cannot be made."""
+    path = Path(path)
     if path.exists() and not overwrite:
         raise ScaleError(f"output {path} already exists", "choose another path or pass --overwrite")
+    ancestor = path.parent.absolute()
+    while not ancestor.exists():  # the nearest existing folder is where the new ones will be made
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ScaleError(f"cannot create output {path}: {ancestor} is a file, not a folder", "choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ScaleError(f"cannot create output {path}: {ancestor} is not writable", "choose a writable location")
 
 
 def _umask() -> int:
@@ -55,6 +63,8 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = True) -> Iterato
     """Yield a temporary file path in the same directory; renamed onto `path` on success."""
     final = Path(path)
     check_output_free(final, overwrite)
+    if final.is_dir():
+        raise ScaleError(f"output {final} is a folder, and a file is written there", "give a file path")
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=final.suffix, dir=final.parent)
     os.close(fd)

@@ -7,10 +7,13 @@ and data-only jobs stay fast. A `ScaleError` becomes one line on stderr and exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from bionemo_scale.errors import ScaleError
@@ -176,33 +179,74 @@ def _job_config(args: argparse.Namespace, default_recipe: str | None = None):
     return apply_overrides(cfg, [*fixed, *args.overrides])
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a set of 0 cells or 0 integration steps means nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
 def _check_split(args: argparse.Namespace) -> None:
     if args.split != "split-col" and not Path(args.split).exists():
         raise ScaleError(f"split file {args.split} does not exist", "pass an existing TOML split, or 'split-col'")
+
+
+def _check_dataset_path(path: str) -> None:
+    """Open the dataset before the training stack is imported, so a typo fails in one line."""
+    from bionemo_scale.data.store import ProcessedDataset
+
+    ProcessedDataset(path)
+
+
+@contextlib.contextmanager
+def _no_half_run(output: Path) -> Iterator[None]:
+    """A new run directory that a bad-input error stops before its first checkpoint is removed.
+
+    A run that already has checkpoints is kept: resuming it is how a stopped job continues.
+    """
+    fresh = not output.exists()
+    try:
+        yield
+    except ScaleError:
+        ckpts = output / "checkpoints"
+        if fresh and output.is_dir() and not (ckpts.is_dir() and any(ckpts.iterdir())):
+            shutil.rmtree(output, ignore_errors=True)
+        raise
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from bionemo_scale.train.resume import check_resume
 
     _check_split(args)
+    _check_dataset_path(args.data)
     cfg = _job_config(args)
     check_resume(cfg, Path(args.output), before_vocabulary=True)
     from bionemo_scale.train.engine import train
 
-    run = train(cfg, args.output)
+    with _no_half_run(Path(args.output)):
+        run = train(cfg, args.output)
     print(f"run written to {run} (checkpoints in {Path(run) / 'checkpoints'})")
     return 0
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from bionemo_scale.train.engine import train
     from bionemo_scale.train.finetune import read_gene_map
+    from bionemo_scale.train.resume import check_resume
 
     _check_split(args)
+    _check_dataset_path(args.data)
     cfg = _job_config(args, default_recipe="finetune")
     cfg = cfg.model_copy(update={"init_from": args.source})
+    check_resume(cfg, Path(args.output), before_vocabulary=True)
     gene_map = read_gene_map(args.gene_map) if args.gene_map else None
-    run = train(cfg, args.output, gene_map=gene_map)
+    from bionemo_scale.train.engine import train
+
+    with _no_half_run(Path(args.output)):
+        run = train(cfg, args.output, gene_map=gene_map)
     print(f"fine-tuned run written to {run}")
     return 0
 
@@ -245,6 +289,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from bionemo_scale.atomic import check_output_free
+
+    if not Path(args.run).is_dir():
+        raise ScaleError(f"run directory {args.run} does not exist", "pass the --output of `bionemo-scale train`")
+    check_output_free(Path(args.out), args.overwrite)  # before the checkpoint is loaded
     from bionemo_scale.train.release import export_release
 
     out = export_release(args.run, args.out, which=args.which, overwrite=args.overwrite)
@@ -295,8 +344,15 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the same one-line form as every other bad input (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}. Fix: see `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bionemo-scale",
         description="SCALE: set-aware conditional flow for single-cell perturbation response (BioNeMo plugin).",
     )
@@ -350,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data")
     p.add_argument("--split", help="TOML split file, or 'split-col' (default: all perturbed groups)")
     p.add_argument("--subset", default="train", choices=["train", "val", "test"])
-    p.add_argument("--set-size", type=int, default=32)
-    p.add_argument("-n", type=int, default=4)
+    p.add_argument("--set-size", type=_positive_int, default=32)
+    p.add_argument("-n", type=_positive_int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_sample)
 
@@ -382,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True)
     p.add_argument("--subset", default="test", choices=["val", "test"])
     p.add_argument("--output", required=True, help="PRED.h5ad (REAL.h5ad is written beside it)")
-    p.add_argument("--steps", type=int, help="integration steps (NFE); default from the config (1)")
+    p.add_argument("--steps", type=_positive_int, help="integration steps (NFE); default from the config (1)")
     p.add_argument(
         "--combinations",
         choices=["direct", "compose"],
@@ -427,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True, help="TOML split file, or 'split-col'")
     p.add_argument("--subset", default="test", choices=["val", "test"])
     p.add_argument("--output", required=True, help="PRED.h5ad (REAL.h5ad is written beside it)")
-    p.add_argument("--set-size", type=int, default=64)
+    p.add_argument("--set-size", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--prior-rank",
@@ -461,9 +517,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Libraries whose import-time notices ("Transformer Engine and Apex are not installed", API
+#: deprecations) say nothing a user can act on; shown with -v.
+LIBRARY_LOGGERS = ("megatron", "nemo", "nemo_logger", "lightning", "lightning.pytorch", "lightning.fabric", "numexpr")
+
+
 def configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if verbose:
+        return
+    # Our own warnings stay visible; the libraries' fallbacks and deprecations do not, so that a
+    # bad-input error is the only line a user sees (with -q, nothing else at all).
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        for module in ("megatron", "nemo", "lightning", "torch", "transformer_engine", "apex", "one_logger"):
+            warnings.filterwarnings("ignore", category=category, module=module)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed")
+    warnings.filterwarnings("ignore", message="Please use DTensor instead")
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.WARNING)
+    if quiet:
+        warnings.simplefilter("ignore")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bionemo_scale.errors import ScaleError
+from bionemo_scale.errors import ScaleError, read_user_text
 
 
 class StrictModel(BaseModel):
@@ -34,7 +34,17 @@ class PreprocessConfig(StrictModel):
     split: str | None = Field(None, description="TOML split; restricts HVG selection to training cells")
     hvg: int | None = Field(None, ge=1, description="keep the N most highly variable genes")
     keep_obs: list[str] = Field(default_factory=list)
-    combo_sep: str = "+"
+    combo_sep: str = Field("+", min_length=1)
+
+    @field_validator("keep_obs")
+    @classmethod
+    def _keep_obs_not_reserved(cls, value: list[str]) -> list[str]:
+        """obs.parquet already has these columns; keeping a same-named one would collide."""
+        taken = sorted(set(value) & {"cell_id", "source_row"})
+        if taken:
+            raise ValueError(f"{taken} are written by preprocess itself; rename those obs columns first")
+        return value
+
     target_sum: float = Field(1e4, gt=0)
     chunk_rows: int = Field(
         5_000, ge=1, description="rows per streamed chunk; 5k measured faster than 20k at 0.25-3M cells"
@@ -63,12 +73,15 @@ class SamplerConfig(StrictModel):
 
 def load_yaml(path: str | Path) -> dict[str, object]:
     path = Path(path)
-    if not path.exists():
-        raise ScaleError(f"config file {path} does not exist", "check the path")
+    text = read_user_text(path, "config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ScaleError(f"config file {path} is not valid YAML ({exc.__class__.__name__})", "fix the syntax") from None
+    if data is None:
+        raise ScaleError(
+            f"config file {path} is empty", "write the settings to change, or drop --config to use the recipe"
+        )
     if not isinstance(data, dict):
         raise ScaleError(f"config file {path} must hold a mapping at top level", "fix the file")
     return data
@@ -113,6 +126,16 @@ class SynthConfig(StrictModel):
     nb_theta: float = Field(5.0, gt=0, description="negative-binomial inverse dispersion")
     seed: int = 0
     chunk_rows: int = Field(20_000, ge=1)
+
+    @model_validator(mode="after")
+    def _enough_pairs(self) -> SynthConfig:
+        """Combinations are distinct pairs of singles; asking for more would never finish drawing."""
+        most = self.n_perturbations * (self.n_perturbations - 1) // 2
+        if self.n_combinations > most:
+            raise ValueError(
+                f"n_combinations {self.n_combinations} exceeds the {most} pairs of {self.n_perturbations} perturbations"
+            )
+        return self
 
 
 class ScaleModelConfig(StrictModel):

@@ -20,3 +20,26 @@ class ScaleError(ValueError):
         text = self.problem if self.fix is None else f"{self.problem}. Fix: {self.fix}"
         text = " ".join(text.split())
         return text if text.endswith(("?", "!")) else text + "."
+
+
+def read_user_text(path: object, what: str) -> str:
+    """The text of a user-supplied file (split, config, gene map), or one clear ScaleError.
+
+    A folder, a binary file (e.g. an .h5ad passed by mistake) or an unreadable file would
+    otherwise surface as a Python traceback.
+    """
+    from pathlib import Path
+
+    p = Path(str(path))
+    if not p.exists():
+        raise ScaleError(f"{what} {p} does not exist", "check the path")
+    if p.is_dir():
+        raise ScaleError(f"{what} {p} is a folder, not a file", "pass the file itself")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ScaleError(
+            f"{what} {p} is not a UTF-8 text file", "pass the text file (TOML/YAML/TSV) it should be"
+        ) from None
+    except OSError as exc:
+        raise ScaleError(f"cannot read {what} {p} ({exc.strerror or exc})", "check the file's permissions") from None

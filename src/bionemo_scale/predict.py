@@ -201,11 +201,35 @@ def write_predictions(pred: ad.AnnData, real: ad.AnnData, pred_path: Path, overw
     if real_path.resolve() == pred_path.resolve():
         raise ScaleError("the prediction file may not be called REAL.h5ad", "choose another --output name")
     check_output_free(pred_path, overwrite)
+    if real_path.exists() and not overwrite and not _same_cells(real_path, real):
+        raise ScaleError(
+            f"{real_path} already holds the real cells of other predictions (other cells or genes)",
+            "write to another folder, or pass --overwrite",
+        )
     with atomic_file(pred_path, overwrite) as tmp_pred, atomic_file(real_path, True) as tmp_real:
         pred.write_h5ad(tmp_pred)
         real.write_h5ad(tmp_real)
     logger.info("wrote %s (%d cells) and %s", pred_path, pred.n_obs, real_path)
     return real_path
+
+
+def _same_cells(path: Path, real: ad.AnnData) -> bool:
+    """Whether an existing REAL.h5ad holds exactly these cells and genes.
+
+    Several methods predicted for one split share one REAL.h5ad (same held-out and control
+    cells), so rewriting it with identical content is fine; replacing another split's is not.
+    """
+    try:
+        old = ad.read_h5ad(path, backed="r")
+    except Exception:  # unreadable: not ours to replace silently either
+        return False
+    try:
+        same = old.shape == real.shape and list(old.var_names) == list(real.var_names)
+        if same and "source_row" in old.obs and "source_row" in real.obs:
+            same = np.array_equal(old.obs["source_row"].to_numpy(), real.obs["source_row"].to_numpy())
+        return bool(same)
+    finally:
+        old.file.close()
 
 
 def held_out_groups(data: ProcessedDataset, split: str | Path, subset: str) -> np.ndarray:

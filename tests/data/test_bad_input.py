@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from bionemo_scale.cli import main
+from bionemo_scale.errors import ScaleError
 from tests.data.conftest import PP_ARGS, make_counts_adata
 
 
@@ -139,8 +140,12 @@ def test_output_exists_without_overwrite(tmp_path: Path, capsys) -> None:
 def test_set_size_below_one(tmp_path: Path, capsys) -> None:
     src, out = _h5ad(tmp_path), tmp_path / "out"
     assert _run(["preprocess", str(src), str(out), *PP_ARGS], capsys)[0] == 0
-    rc, err = _run(["sample", str(out), "--set-size", "0"], capsys)
-    assert rc == 2 and "set size must be >= 1" in err and len(err.splitlines()) == 1
+    for flag in (["--set-size", "0"], ["-n", "-3"]):
+        with pytest.raises(SystemExit) as exit_info:  # argparse refuses it, in the same one-line form
+            _run(["sample", str(out), *flag], capsys)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert f"argument {flag[0]}: must be >= 1" in err and "Fix:" in err
 
 
 def test_failure_midway_leaves_no_partial_output(tmp_path: Path, capsys) -> None:
@@ -176,3 +181,121 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "does not exist" in proc.stderr and not out.exists()
+
+
+# -- found by the bad-input sweep of 2026-11-24 (each used to end in a traceback or worse) -------
+def test_usage_errors_are_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "required: data" in err and "--help" in err
+
+
+def test_csr_with_out_of_range_columns_is_refused(tmp_path: Path, capsys) -> None:
+    """scipy does not bounds-check CSR indices; unchecked, the gather wrote outside its buffer."""
+    import h5py
+
+    src = _h5ad(tmp_path)
+    with h5py.File(src, "r+") as f:
+        f["X/indices"][3] = 40 + 7  # the fixture has 40 genes
+    out = tmp_path / "out"
+    rc, err = _run(["preprocess", str(src), str(out), *PP_ARGS], capsys)
+    _assert_clean_failure(rc, err, out, "column indices outside its 40 genes")
+
+
+def test_empty_gene_name_is_refused(tmp_path: Path, capsys) -> None:
+    def blank(a):
+        a.var_names = ["", *a.var_names[1:]]
+
+    out = tmp_path / "out"
+    rc, err = _run(["preprocess", str(_h5ad(tmp_path, blank)), str(out), *PP_ARGS], capsys)
+    _assert_clean_failure(rc, err, out, "empty or contain a line break")
+
+
+def test_gene_names_with_spaces_keep_their_columns(tmp_path: Path, capsys) -> None:
+    """genes.txt is one name per line: a name with a space used to become two genes."""
+    from bionemo_scale.data.store import ProcessedDataset
+
+    def spaced(a):
+        a.var_names = ["HLA A", *a.var_names[1:]]
+
+    out = tmp_path / "out"
+    assert _run(["preprocess", str(_h5ad(tmp_path, spaced)), str(out), *PP_ARGS], capsys)[0] == 0
+    data = ProcessedDataset(out)
+    assert data.n_genes == 40 and data.genes[0] == "HLA A"
+    (out / "genes.txt").write_text("\n".join(data.genes[:-1]) + "\n")  # a damaged panel
+    with pytest.raises(ScaleError, match="lists 39 genes but the dataset has 40"):
+        ProcessedDataset(out)
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ('zeroshot = "test"\n', "[zeroshot]"),
+        ('[fewshot."ctxA"]\nval = "KO1"\n', "must be lists of labels"),
+    ],
+)
+def test_split_values_of_the_wrong_shape(tmp_path: Path, text: str, needle: str) -> None:
+    from bionemo_scale.data.splits import SplitSpec
+
+    path = tmp_path / "split.toml"
+    path.write_text(text)
+    with pytest.raises(ScaleError) as info:
+        SplitSpec.from_toml(path)
+    assert needle in info.value.one_line() and "Fix:" in info.value.one_line()
+
+
+@pytest.mark.parametrize("kind", ["folder", "binary"])
+def test_split_and_config_files_that_are_not_text(tmp_path: Path, kind: str) -> None:
+    from bionemo_scale.config import load_yaml
+    from bionemo_scale.data.splits import SplitSpec
+
+    path = tmp_path / "input"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(bytes(range(128, 256)))
+    for read in (SplitSpec.from_toml, load_yaml):
+        with pytest.raises(ScaleError, match="is a folder" if kind == "folder" else "not a UTF-8 text file"):
+            read(path)
+
+
+def test_empty_config_file_is_refused(tmp_path: Path) -> None:
+    from bionemo_scale.config import load_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    with pytest.raises(ScaleError, match="is empty"):
+        load_yaml(path)
+
+
+def test_synth_refuses_more_combinations_than_pairs(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "s"
+    rc, err = _run(
+        ["synth", str(out), "--cells", "200", "--genes", "20", "--perturbations", "2", "--combinations", "10"], capsys
+    )
+    _assert_clean_failure(rc, err, out, "exceeds the 1 pairs")
+
+
+@pytest.mark.parametrize(
+    "extra,needle", [(["--keep-obs", "cell_id"], "written by preprocess"), (["--combo-sep", ""], "combo_sep")]
+)
+def test_preprocess_option_conflicts(tmp_path: Path, capsys, extra: list[str], needle: str) -> None:
+    out = tmp_path / "out"
+    rc, err = _run(["preprocess", str(_h5ad(tmp_path)), str(out), *PP_ARGS, *extra], capsys)
+    _assert_clean_failure(rc, err, out, needle)
+
+
+def test_output_under_a_file_or_onto_a_folder(tmp_path: Path) -> None:
+    from bionemo_scale.atomic import atomic_file, check_output_free
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(ScaleError, match="is a file, not a folder"):
+        check_output_free(blocker / "sub" / "out.h5ad", overwrite=False)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(ScaleError, match="is a folder"), atomic_file(folder, overwrite=True):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]  # no temporary left

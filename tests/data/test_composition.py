@@ -81,3 +81,26 @@ def test_compose_sums_unclamped_shifts_when_the_predictor_offers_them(counts_h5a
     predictor.unclamped = raw  # type: ignore[attr-defined]
     once = run_predictor(data, plans, predictor, set_size=8, seed=0, progress=False, compose=True)
     np.testing.assert_allclose(once, ctrl, rtol=1e-6, atol=1e-5)  # -100 + 100 cancel
+
+
+def test_real_file_of_other_predictions_is_not_replaced(tmp_path) -> None:
+    """Methods predicted for one split share REAL.h5ad; another split's is not silently replaced."""
+    import anndata as ad
+    import pandas as pd
+    import pytest
+
+    from bionemo_scale.errors import ScaleError
+    from bionemo_scale.predict import write_predictions
+
+    def cells(rows: list[int], genes: int = 3) -> ad.AnnData:
+        obs = pd.DataFrame({"source_row": rows}, index=[f"c{r}" for r in rows])
+        var = pd.DataFrame(index=[f"g{j}" for j in range(genes)])
+        return ad.AnnData(X=np.ones((len(rows), genes), dtype=np.float32), obs=obs, var=var)
+
+    real = write_predictions(cells([0, 1]), cells([0, 1]), tmp_path / "scale.h5ad", overwrite=False)
+    write_predictions(cells([0, 1]), cells([0, 1]), tmp_path / "additive.h5ad", overwrite=False)  # same cells: fine
+    with pytest.raises(ScaleError, match="real cells of other predictions"):
+        write_predictions(cells([5, 6, 7]), cells([5, 6, 7]), tmp_path / "other.h5ad", overwrite=False)
+    assert ad.read_h5ad(real).n_obs == 2 and not (tmp_path / "other.h5ad").exists()
+    write_predictions(cells([5, 6, 7]), cells([5, 6, 7]), tmp_path / "other.h5ad", overwrite=True)
+    assert ad.read_h5ad(real).n_obs == 3

@@ -56,3 +56,17 @@ def test_the_early_check_skips_the_vocabulary_sizes(tmp_path: Path) -> None:
     check_resume(_cfg(), run, before_vocabulary=True)  # the CLI's config, before the data is read
     with pytest.raises(ScaleError, match=r"model\.n_genes: 500 -> 0"):
         check_resume(_cfg(), run)
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path: Path) -> None:
+    """Training into, say, a dataset folder used to mix checkpoints into it."""
+    check_resume(_cfg(), tmp_path / "new")  # a new directory is fine
+    (tmp_path / "empty").mkdir()
+    check_resume(_cfg(), tmp_path / "empty")  # so is an empty one
+    data = tmp_path / "dataset"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    with pytest.raises(ScaleError, match="not a bionemo-scale run"):
+        check_resume(_cfg(), data)
+    with pytest.raises(ScaleError, match="is a file"):
+        check_resume(_cfg(), data / "manifest.json")

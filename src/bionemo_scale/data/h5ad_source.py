@@ -126,9 +126,22 @@ class H5adSource:
                 stop = min(start + chunk_rows, n)
                 ptr = np.asarray(indptr[start : stop + 1], dtype=np.int64)
                 lo, hi = int(ptr[0]), int(ptr[-1])
+                cols = np.asarray(indices[lo:hi])
+                # scipy does not bounds-check CSR indices, and an out-of-range column would write
+                # outside the dense buffer later: check here, once, while the chunk is in memory
+                if ptr.size != stop - start + 1 or np.any(np.diff(ptr) < 0) or hi > data.shape[0] or lo < 0:
+                    raise ScaleError(
+                        f"the CSR matrix '{self.layout.key}' has corrupt row pointers (rows {start}-{stop})",
+                        "rewrite the file (e.g. adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(...))",
+                    )
+                if cols.size and (int(cols.min()) < 0 or int(cols.max()) >= self.n_vars):
+                    raise ScaleError(
+                        f"the CSR matrix '{self.layout.key}' has column indices outside its {self.n_vars} genes "
+                        f"(rows {start}-{stop})",
+                        "rewrite the file (e.g. adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(...))",
+                    )
                 chunk = sp.csr_matrix(
-                    (np.asarray(data[lo:hi], dtype=np.float64), np.asarray(indices[lo:hi]), ptr - lo),
-                    shape=(stop - start, self.n_vars),
+                    (np.asarray(data[lo:hi], dtype=np.float64), cols, ptr - lo), shape=(stop - start, self.n_vars)
                 )
                 yield start, chunk
         else:

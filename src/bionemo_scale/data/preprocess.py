@@ -50,6 +50,12 @@ def _labels(obs: pd.DataFrame, col: str, what: str) -> np.ndarray:
 
 
 def _check_genes(genes: np.ndarray) -> None:
+    bad = [str(g) for g in genes if not str(g).strip() or any(ch in str(g) for ch in "\n\r")]
+    if bad:
+        raise ScaleError(
+            f"{len(bad)} gene name(s) in var_names are empty or contain a line break, e.g. {bad[:3]}",
+            "give every gene a non-empty one-line name (e.g. its Ensembl id)",
+        )
     uniq, counts = np.unique(genes, return_counts=True)
     dups = uniq[counts > 1]
     if dups.size:

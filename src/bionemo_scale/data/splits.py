@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from bionemo_scale.data.index import PerturbationIndex, split_combination
-from bionemo_scale.errors import ScaleError
+from bionemo_scale.errors import ScaleError, read_user_text
 
 SPLITS = ("train", "val", "test")
 FROM_DATA = "split-col"
 KNOWN_SECTIONS = {"datasets", "training", "zeroshot", "fewshot"}
+SPLIT_FORMAT = 'write e.g. [zeroshot] "ctx" = "test" and [fewshot."ctx"] val = ["A"] test = ["B", "C"]'
 
 
 @dataclass
@@ -42,10 +43,9 @@ class SplitSpec:
     @classmethod
     def from_toml(cls, path: str | Path) -> SplitSpec:
         path = Path(path)
-        if not path.exists():
-            raise ScaleError(f"split file {path} does not exist", "check the --split path")
+        text = read_user_text(path, "split file")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ScaleError(f"split file {path} is not valid TOML ({exc})", "fix the syntax") from None
         return cls.from_dict(raw, source=str(path))
@@ -57,6 +57,9 @@ class SplitSpec:
             raise ScaleError(
                 f"split {source} has unknown section(s) {sorted(unknown)}", f"use only {sorted(KNOWN_SECTIONS)}"
             )
+        for section in ("zeroshot", "fewshot"):
+            if not isinstance(raw.get(section, {}), dict):
+                raise ScaleError(f"[{section}] in {source} must be a table, not a value", SPLIT_FORMAT)
         zeroshot: dict[str, str] = {}
         for ctx, which in dict(raw.get("zeroshot", {})).items():
             if which not in ("val", "test"):
@@ -66,6 +69,8 @@ class SplitSpec:
         for ctx, lists in dict(raw.get("fewshot", {})).items():
             if not isinstance(lists, dict) or set(lists) - {"val", "test"}:
                 raise ScaleError(f'[fewshot."{ctx}"] in {source} must hold only val/test lists', "fix the split file")
+            if not all(isinstance(lists.get(k, []), list) for k in ("val", "test")):
+                raise ScaleError(f'[fewshot."{ctx}"] val/test in {source} must be lists of labels', SPLIT_FORMAT)
             val, test = [str(p) for p in lists.get("val", [])], [str(p) for p in lists.get("test", [])]
             both = sorted(set(val) & set(test))
             if both:

@@ -38,7 +38,15 @@ class ProcessedDataset:
         genes_path = self.path / "genes.txt"
         if not genes_path.exists():
             raise ScaleError(f"{self.path} is missing genes.txt", "re-run preprocess")
-        self.genes: list[str] = genes_path.read_text().split()
+        # one name per line (names may contain spaces); the count must match what preprocess kept,
+        # because it sets the width of every gathered row
+        self.genes: list[str] = genes_path.read_text().splitlines()
+        kept = (self.manifest.get("genes") or {}).get("kept") if isinstance(self.manifest.get("genes"), dict) else None
+        if kept is not None and int(kept) != len(self.genes):
+            raise ScaleError(
+                f"{genes_path} lists {len(self.genes)} genes but the dataset has {kept}",
+                "restore genes.txt or re-run preprocess with --overwrite",
+            )
         self.index = PerturbationIndex.load(self.path)
         self.arrays: CsrArrays = open_scdl(self.path / SCDL_SUBDIR, len(self.genes))
         if self.arrays.n_rows != self.index.n_cells:

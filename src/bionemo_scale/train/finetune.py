@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bionemo_scale.data.index import split_combination
-from bionemo_scale.errors import ScaleError
+from bionemo_scale.errors import ScaleError, read_user_text
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def expand_embeddings(
 def read_gene_map(path: str | Path) -> dict[str, str]:
     """Two tab-separated columns per line: data gene, release gene."""
     mapping: dict[str, str] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for n, line in enumerate(read_user_text(path, "gene map").splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
         cols = line.split("\t")

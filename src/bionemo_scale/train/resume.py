@@ -52,6 +52,13 @@ def check_resume(cfg: ScaleConfig, run_dir: Path, before_vocabulary: bool = Fals
     """
     ckpts = run_dir / "checkpoints"
     config = run_dir / "config.yaml"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ScaleError(f"--output {run_dir} is a file", "train into a new or empty --output directory")
+    if run_dir.is_dir() and not config.exists() and any(run_dir.iterdir()):
+        raise ScaleError(
+            f"--output {run_dir} is a non-empty folder but not a bionemo-scale run (no config.yaml)",
+            "train into a new or empty --output directory (a run directory resumes)",
+        )
     if not (config.exists() and ckpts.is_dir() and any(ckpts.iterdir())):
         return
     ignore = VOCAB_KEYS if before_vocabulary else ()
