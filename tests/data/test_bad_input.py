@@ -299,3 +299,47 @@ def test_output_under_a_file_or_onto_a_folder(tmp_path: Path) -> None:
     with pytest.raises(ScaleError, match="is a folder"), atomic_file(folder, overwrite=True):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]  # no temporary left
+
+
+def test_damaged_dataset_side_files(tmp_path: Path, capsys) -> None:
+    import json
+
+    from bionemo_scale.data.store import ProcessedDataset
+
+    out = tmp_path / "out"
+    assert _run(["preprocess", str(_h5ad(tmp_path)), str(out), *PP_ARGS], capsys)[0] == 0
+    (out / "obs.parquet").unlink()
+    with pytest.raises(ScaleError, match=r"missing obs\.parquet"):
+        ProcessedDataset(out).obs  # noqa: B018 (the property loads the file)
+    index = json.loads((out / "index.json").read_text())
+    del index["control_label"]
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ScaleError, match=r"index.json in .* lacks \['control_label'\]"):
+        ProcessedDataset(out)
+
+
+def test_damaged_compressed_chunk_is_one_line(tmp_path: Path, capsys) -> None:
+    """A flipped byte inside a gzip chunk of X used to surface as h5py's OSError traceback."""
+    import h5py
+
+    src = tmp_path / "gz.h5ad"
+    make_counts_adata().write_h5ad(src, compression="gzip")
+    with h5py.File(src, "r") as f:
+        info = f["X/data"].id.get_chunk_info(0)
+    with src.open("r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(bytes(16))
+    out = tmp_path / "out"
+    rc, err = _run(["preprocess", str(src), str(out), *PP_ARGS], capsys)
+    _assert_clean_failure(rc, err, out, "the file is damaged")
+
+
+def test_h5ad_without_an_index_is_one_line(tmp_path: Path, capsys) -> None:
+    import h5py
+
+    src = _h5ad(tmp_path)
+    with h5py.File(src, "r+") as f:
+        del f["var"].attrs["_index"]
+    out = tmp_path / "out"
+    rc, err = _run(["preprocess", str(src), str(out), *PP_ARGS], capsys)
+    _assert_clean_failure(rc, err, out, "has no index")

@@ -245,3 +245,20 @@ def test_threads_are_scoped(pair_files, tmp_path):
     with pytest.raises(ScaleError, match="threads must be at least 1"):
         run_evaluate(pred_path, real_path, "target", "control", tmp_path / "o2", report=False, threads=0)
     assert not (tmp_path / "o2").exists()
+
+
+def test_duplicate_predicted_genes_are_named_as_such() -> None:
+    """A duplicated gene in PRED used to be reported as a real gene missing from the prediction."""
+    import anndata as ad
+    import numpy as np
+    import pytest
+
+    from bionemo_scale.errors import ScaleError
+    from bionemo_scale.eval._anndata import check_genes
+
+    real = ad.AnnData(X=np.zeros((2, 3), dtype=np.float32))
+    real.var_names = ["a", "b", "c"]
+    pred = real.copy()
+    pred.var_names = ["a", "b", "b"]
+    with pytest.raises(ScaleError, match=r"predicted gene names are not unique \('b'\)"):
+        check_genes(real, pred)

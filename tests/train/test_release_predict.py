@@ -155,6 +155,35 @@ def test_checkpoint_with_other_genes_is_refused(release: Path, tmp_path: Path) -
     assert not (tmp_path / "p.h5ad").exists() and not (tmp_path / "ft").exists()
 
 
+def test_damaged_checkpoint_or_prior_is_one_line(
+    base_run: Path, release: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    """A save cut short (or a damaged prior) used to end predict/export in a long traceback."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    shards = sorted(run.glob("checkpoints/*/weights/*.distcp"))
+    assert shards, "the run has no distributed checkpoint shards"
+    for shard in shards:
+        with shard.open("r+b") as f:
+            f.truncate(1000)
+    rel = tmp_path / "rel"
+    shutil.copytree(release, rel)
+    with (rel / "prior.safetensors").open("r+b") as f:
+        f.truncate(100)
+    for cmd, needle in (
+        (["export", str(run), str(tmp_path / "out_rel")], "incomplete or damaged"),
+        (["predict", "--checkpoint", str(rel), "--data", str(demo_data), "--split", str(SPLIT),
+          "--output", str(tmp_path / "p.h5ad")], "not a readable additive prior"),
+    ):  # fmt: skip
+        proc = cli(*cmd, check=False, timeout=120)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+        assert needle in lines[0] and "Fix:" in lines[0]
+    assert not (tmp_path / "out_rel").exists() and not (tmp_path / "p.h5ad").exists()
+
+
 FT = ["trainer.max_steps=8", "trainer.val_check_interval=8", "checkpoint.every_n_train_steps=8", "eval.enabled=false",
       "data.micro_batch_size=4", "data.global_batch_size=8", "optim.lr=0.002", "optim.warmup_steps=0"]  # fmt: skip
 

@@ -59,6 +59,12 @@ class H5adSource:
                 self.close()
                 raise ScaleError(f"{self.path} has no '{group}' group, so it is not an AnnData h5ad", "re-export it")
         self.layout = self._find_matrix(matrix_key)
+        if not isinstance(self._file["obs"], h5py.Group):
+            self.close()
+            raise ScaleError(
+                f"{self.path}: obs is stored as a table (anndata < 0.7 layout)",
+                "re-save it with a current anndata: anndata.read_h5ad(IN).write_h5ad(OUT)",
+            )
         self.obs_columns: list[str] = [k for k in self._file["obs"] if k != self._file["obs"].attrs.get("_index")]
 
     def _find_matrix(self, key: str) -> MatrixLayout:
@@ -96,13 +102,21 @@ class H5adSource:
     def n_vars(self) -> int:
         return self.layout.n_vars
 
+    def _index_of(self, group: str) -> np.ndarray:
+        node = self._file[group]
+        key = node.attrs.get("_index") if isinstance(node, h5py.Group) else None
+        if key is None or key not in node:
+            raise ScaleError(
+                f"{self.path}: '{group}' has no index (an old or non-standard h5ad layout)",
+                "re-save it with a current anndata: anndata.read_h5ad(IN).write_h5ad(OUT)",
+            )
+        return np.asarray(read_elem(node[key])).astype(str)
+
     def var_names(self) -> np.ndarray:
-        var = self._file["var"]
-        return np.asarray(read_elem(var[var.attrs["_index"]])).astype(str)
+        return self._index_of("var")
 
     def obs_names(self) -> np.ndarray:
-        obs = self._file["obs"]
-        return np.asarray(read_elem(obs[obs.attrs["_index"]])).astype(str)
+        return self._index_of("obs")
 
     def read_obs(self, columns: list[str]) -> pd.DataFrame:
         """Read only the named obs columns (cheap even for millions of cells)."""
@@ -118,6 +132,15 @@ class H5adSource:
     # -- matrix -----------------------------------------------------------------------------
     def iter_chunks(self, chunk_rows: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         """Yield (first_row, CSR chunk) in file order; values as float64 for exact checks."""
+        try:
+            yield from self._chunks(chunk_rows)
+        except OSError as exc:  # h5py: a damaged compressed chunk, a truncated dataset, ...
+            raise ScaleError(
+                f"cannot read the matrix of {self.path} ({str(exc).splitlines()[0][:120]}): the file is damaged",
+                "re-export it with anndata's adata.write_h5ad()",
+            ) from None
+
+    def _chunks(self, chunk_rows: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         node = self._file[self.layout.key]
         n = self.n_obs
         if self.layout.encoding == "csr_matrix":

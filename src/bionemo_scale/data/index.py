@@ -178,6 +178,11 @@ class PerturbationIndex:
         missing = [c for c in GROUP_COLUMNS if c not in groups.columns]
         if missing:
             raise ScaleError(f"groups.parquet lacks columns {missing}", "re-run `bionemo-scale preprocess`")
+        absent = [k for k in ("control_label", "contexts", "batches", "perturbations") if k not in vocab]
+        if absent:
+            raise ScaleError(
+                f"index.json in {directory} lacks {absent}", "re-run `bionemo-scale preprocess` with --overwrite"
+            )
         return cls(
             control_label=vocab["control_label"],
             contexts=list(vocab["contexts"]),

@@ -182,12 +182,18 @@ class AdditivePrior:
             )
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        tensors = load_file(str(path))
-        matrix = tensors["delta"].numpy().astype(np.float64)
-        basis = tensors["basis"].numpy().astype(np.float64) if "basis" in tensors else None
-        pairs = [tuple(p) for p in json.loads(meta["pairs"])]
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata()
+            tensors = load_file(str(path))
+            matrix = tensors["delta"].numpy().astype(np.float64)
+            basis = tensors["basis"].numpy().astype(np.float64) if "basis" in tensors else None
+            pairs = [tuple(p) for p in json.loads(meta["pairs"])]
+        except Exception as exc:  # truncated file, foreign safetensors, or missing keys
+            raise ScaleError(
+                f"{path} is not a readable additive prior ({type(exc).__name__})",
+                "restore prior.safetensors from the run or release it came with",
+            ) from None
         return cls(
             deltas={p: matrix[i] for i, p in enumerate(pairs)}, combo_sep=meta.get("combo_sep", "+"), basis=basis
         )

@@ -70,7 +70,20 @@ class ProcessedDataset:
     @cached_property
     def obs(self) -> pd.DataFrame:
         """Kept obs columns in SCDL row order (loaded on first use only)."""
-        return pd.read_parquet(self.path / "obs.parquet")
+        path = self.path / "obs.parquet"
+        try:
+            obs = pd.read_parquet(path)
+        except FileNotFoundError:
+            raise ScaleError(f"{self.path} is missing obs.parquet", "re-run `bionemo-scale preprocess`") from None
+        except (OSError, ValueError) as exc:
+            raise ScaleError(
+                f"{path} is corrupt ({type(exc).__name__})", "re-run preprocess with --overwrite"
+            ) from None
+        if len(obs) != self.n_cells:
+            raise ScaleError(
+                f"{path} has {len(obs)} rows for {self.n_cells} cells", "re-run preprocess with --overwrite"
+            )
+        return obs
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         out = self.arrays.gather(rows)

@@ -38,7 +38,11 @@ def read_h5ad(path: str | Path, role: str) -> ad.AnnData:
     try:
         return ad.read_h5ad(path)
     except Exception as exc:  # h5py/anndata raise many types for a bad file
-        raise ScaleError(f"cannot read {role} file {path} as h5ad ({type(exc).__name__}: {exc})", None) from exc
+        reason = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise ScaleError(
+            f"cannot read {role} file {path} as h5ad ({type(exc).__name__}: {reason})",
+            "pass an intact .h5ad written by anndata (re-write it with adata.write_h5ad)",
+        ) from None
 
 
 def matrix(adata: ad.AnnData, role: str) -> Matrix:
@@ -131,9 +135,10 @@ def check_genes(real: ad.AnnData, pred: ad.AnnData) -> np.ndarray:
     """Identical gene names in identical order on both sides; returns them."""
     real_genes = real.var_names.astype(str).to_numpy()
     pred_genes = pred.var_names.astype(str).to_numpy()
-    if not real.var_names.is_unique:
-        dup = real.var_names[real.var_names.duplicated()].unique()
-        raise ScaleError(f"real gene names are not unique ({_preview(dup)})", "make var_names unique")
+    for role, adata in (("real", real), ("predicted", pred)):
+        if not adata.var_names.is_unique:
+            dup = adata.var_names[adata.var_names.duplicated()].unique()
+            raise ScaleError(f"{role} gene names are not unique ({_preview(dup)})", "make var_names unique")
     if np.array_equal(real_genes, pred_genes):
         return real_genes
     missing = np.setdiff1d(real_genes, pred_genes)

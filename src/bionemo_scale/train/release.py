@@ -93,7 +93,14 @@ def load_run_model(run_dir: str | Path, which: str = "last"):
     model = _single_process_model(cfg)
     sharded = model.sharded_state_dict(prefix=MODEL_PREFIX)
     sharded = {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
-    loaded = dist_checkpointing.load(sharded, str(weights), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    try:
+        loaded = dist_checkpointing.load(sharded, str(weights), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    except Exception as exc:  # megatron's many failure modes of a damaged checkpoint, as one line
+        raise ScaleError(
+            f"cannot read checkpoint {weights} ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''});"
+            " it is incomplete or damaged (a save that was interrupted?)",
+            "use another checkpoint of the run (--which, or delete this one to fall back to the previous), or retrain",
+        ) from None
     state = {k.removeprefix(MODEL_PREFIX): v for k, v in loaded.items()}
     missing, _unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
