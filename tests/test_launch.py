@@ -362,6 +362,14 @@ def test_unknown_recipe_and_bad_counts(capsys) -> None:
     assert code == 2 and ">= 1" in one_error_line(err)
 
 
+@pytest.mark.parametrize(
+    "extra,needle", [(["--time", "4h"], "not a Slurm time limit"), (["--mount", "/refs"], "is not SRC:DST")]
+)
+def test_bad_time_or_mount_fails_before_the_cluster(capsys, extra: list[str], needle: str) -> None:
+    code, _, err = run_cli(capsys, launch_args("tahoe_100m_pretrain", 2, 8, "slurm", "--dry-run", *extra))
+    assert code == 2 and needle in one_error_line(err)
+
+
 # -- the local example script --------------------------------------------------------------------
 def test_local_tp2_example_is_executable_valid_bash_and_runs_torchrun(tmp_path: Path) -> None:
     assert LOCAL_EXAMPLE.stat().st_mode & stat.S_IXUSR, "recipes/local/tiny_cpu_tp2.sh must be executable"

@@ -7,6 +7,7 @@ MASTER_ADDR/MASTER_PORT taken from the first node of the allocation.
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -21,6 +22,8 @@ from bionemo_scale.errors import ScaleError
 #: package, so there is no default.
 IMAGE_FIX = "build the Dockerfile, push it where the cluster can pull it, and pass --image REGISTRY/bionemo-scale:TAG"
 SPLIT_COL = "split-col"  # --split value that is not a path
+#: Slurm's --time forms: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (and UNLIMITED)
+SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|infinite)$")
 
 
 def _abspath(path: str) -> str:
@@ -52,6 +55,13 @@ class LaunchSpec:
         """
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise ScaleError("--nodes and --gpus-per-node must be >= 1", "pass positive counts")
+        if not SLURM_TIME.match(self.time):
+            raise ScaleError(f"--time {self.time!r} is not a Slurm time limit", "write e.g. 04:00:00, 90 or 2-00:00:00")
+        for mount in self.mounts:
+            src, sep, dst = mount.partition(":")
+            if not (sep and src and dst):
+                raise ScaleError(f"--mount {mount!r} is not SRC:DST", "write e.g. --mount /lustre/refs:/refs")
+        # data/split/output are not checked here: under Slurm they are paths on the cluster
         from bionemo_scale.config import apply_overrides
         from bionemo_scale.recipes import get_recipe
 
