@@ -19,11 +19,17 @@ from bionemo_scale.errors import ScaleError
 def check_output_free(path: Path, overwrite: bool) -> None:
     """Fail early, before any work, when `path` exists and may not be replaced, or cannot be made."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    try:
+        exists = path.exists()
+        ancestor = path.parent.absolute()
+        while not ancestor.exists():  # the nearest existing folder is where the new ones will be made
+            ancestor = ancestor.parent
+    except OSError as exc:  # e.g. a parent folder this user may not enter
+        raise ScaleError(
+            f"cannot check output {path} ({exc.strerror or exc})", "choose an accessible location"
+        ) from None
+    if exists and not overwrite:
         raise ScaleError(f"output {path} already exists", "choose another path or pass --overwrite")
-    ancestor = path.parent.absolute()
-    while not ancestor.exists():  # the nearest existing folder is where the new ones will be made
-        ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise ScaleError(f"cannot create output {path}: {ancestor} is a file, not a folder", "choose another path")
     if not os.access(ancestor, os.W_OK | os.X_OK):

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import warnings
@@ -204,16 +205,18 @@ def _check_dataset_path(path: str) -> None:
 
 @contextlib.contextmanager
 def _no_half_run(output: Path) -> Iterator[None]:
-    """A new run directory that a bad-input error stops before its first checkpoint is removed.
+    """A new run directory that a bad-input error stops during set-up is removed.
 
-    A run that already has checkpoints is kept: resuming it is how a stopped job continues.
+    Once training has logged a step the directory is kept (its logs explain the failure, and its
+    checkpoints are how a stopped job continues), and under torchrun nothing is removed.
     """
     fresh = not output.exists()
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1  # never delete under other ranks' feet
     try:
         yield
     except ScaleError:
-        ckpts = output / "checkpoints"
-        if fresh and output.is_dir() and not (ckpts.is_dir() and any(ckpts.iterdir())):
+        started = (output / "train_loss.csv").exists() or (output / "checkpoints").is_dir()
+        if fresh and single and output.is_dir() and not started:  # failed in set-up: nothing to keep
             shutil.rmtree(output, ignore_errors=True)
         raise
 
@@ -235,13 +238,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from bionemo_scale.train.finetune import read_gene_map
-    from bionemo_scale.train.resume import check_resume
 
     _check_split(args)
     _check_dataset_path(args.data)
     cfg = _job_config(args, default_recipe="finetune")
     cfg = cfg.model_copy(update={"init_from": args.source})
-    check_resume(cfg, Path(args.output), before_vocabulary=True)
+    # no early check_resume here: the architecture and source are resolved from the release inside
+    # train(), which checks the resume there; the early check would compare unresolved values
     gene_map = read_gene_map(args.gene_map) if args.gene_map else None
     from bionemo_scale.train.engine import train
 
@@ -519,7 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Libraries whose import-time notices ("Transformer Engine and Apex are not installed", API
 #: deprecations) say nothing a user can act on; shown with -v.
-LIBRARY_LOGGERS = ("megatron", "nemo", "nemo_logger", "lightning", "lightning.pytorch", "lightning.fabric", "numexpr")
+LIBRARY_LOGGERS = (
+    "megatron", "nemo", "nemo_logger", "lightning", "lightning.pytorch", "lightning.fabric", "numexpr",
+    "nv_one_logger", "one_logger",
+)  # fmt: skip
 
 
 def configure_logging(verbose: bool, quiet: bool) -> None:
@@ -529,9 +535,12 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
         return
     # Our own warnings stay visible; the libraries' fallbacks and deprecations do not, so that a
     # bad-input error is the only line a user sees (with -q, nothing else at all).
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        for module in ("megatron", "nemo", "lightning", "torch", "transformer_engine", "apex", "one_logger"):
-            warnings.filterwarnings("ignore", category=category, module=module)
+    for module in ("megatron", "nemo", "lightning", "torch", "transformer_engine", "apex", "nv_one_logger"):
+        pattern = rf"{module}(\.|$)"
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=pattern)
+        if module in ("megatron", "nemo", "nv_one_logger"):  # their UserWarnings are CPU fallbacks
+            warnings.filterwarnings("ignore", category=UserWarning, module=pattern)
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed")
     warnings.filterwarnings("ignore", message="Please use DTensor instead")
     for name in LIBRARY_LOGGERS:

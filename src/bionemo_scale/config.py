@@ -80,7 +80,8 @@ def load_yaml(path: str | Path) -> dict[str, object]:
         raise ScaleError(f"config file {path} is not valid YAML ({exc.__class__.__name__})", "fix the syntax") from None
     if data is None:
         raise ScaleError(
-            f"config file {path} is empty", "write the settings to change, or drop --config to use the recipe"
+            f"config file {path} is empty",
+            "write the settings into it (a run's own config.yaml: restore it from a copy)",
         )
     if not isinstance(data, dict):
         raise ScaleError(f"config file {path} must hold a mapping at top level", "fix the file")

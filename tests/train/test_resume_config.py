@@ -66,7 +66,12 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path: Path) -> None:
     data = tmp_path / "dataset"
     data.mkdir()
     (data / "manifest.json").write_text("{}")
-    with pytest.raises(ScaleError, match="not a bionemo-scale run"):
+    with pytest.raises(ScaleError, match=r"other content \(manifest.json\), not a bionemo-scale run"):
         check_resume(_cfg(), data)
+    starting = tmp_path / "starting"  # another rank or Slurm got there first: still a run
+    (starting / "logs").mkdir(parents=True)
+    (starting / "slurm-42.out").write_text("")
+    (starting / "launch.sbatch").write_text("#!/bin/bash")
+    check_resume(_cfg(), starting)
     with pytest.raises(ScaleError, match="is a file"):
         check_resume(_cfg(), data / "manifest.json")

@@ -50,7 +50,7 @@ def _labels(obs: pd.DataFrame, col: str, what: str) -> np.ndarray:
 
 
 def _check_genes(genes: np.ndarray) -> None:
-    bad = [str(g) for g in genes if not str(g).strip() or any(ch in str(g) for ch in "\n\r")]
+    bad = [str(g) for g in genes if not str(g).strip() or len(str(g).splitlines()) != 1]
     if bad:
         raise ScaleError(
             f"{len(bad)} gene name(s) in var_names are empty or contain a line break, e.g. {bad[:3]}",

@@ -83,6 +83,16 @@ def _single_process_model(cfg: ScaleConfig):
     return model.eval()
 
 
+def _damaged_checkpoint_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged distributed checkpoint raises (torch's is a BaseException)."""
+    import pickle
+
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (CheckpointException, CheckpointingException, OSError, EOFError, pickle.UnpicklingError)
+
+
 def load_run_model(run_dir: str | Path, which: str = "last"):
     """(model, cfg, vocab) from a run's distributed checkpoint, resharded to TP=1/PP=1."""
     from megatron.core import dist_checkpointing
@@ -95,11 +105,12 @@ def load_run_model(run_dir: str | Path, which: str = "last"):
     sharded = {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
     try:
         loaded = dist_checkpointing.load(sharded, str(weights), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    except Exception as exc:  # megatron's many failure modes of a damaged checkpoint, as one line
+    except _damaged_checkpoint_errors() as exc:  # a truncated shard, missing metadata, a foreign file
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
         raise ScaleError(
-            f"cannot read checkpoint {weights} ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''});"
-            " it is incomplete or damaged (a save that was interrupted?)",
-            "use another checkpoint of the run (--which, or delete this one to fall back to the previous), or retrain",
+            f"cannot read checkpoint {weights} ({type(exc).__name__}: {first}); it is incomplete or damaged"
+            " (a save that was interrupted?)",
+            "export another checkpoint of the run (--which), or retrain",
         ) from None
     state = {k.removeprefix(MODEL_PREFIX): v for k, v in loaded.items()}
     missing, _unexpected = model.load_state_dict(state, strict=False)

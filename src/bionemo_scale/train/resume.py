@@ -5,6 +5,7 @@ Kept free of NeMo/megatron imports so the command line can refuse a bad resume a
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 
 from bionemo_scale.config import ScaleConfig, flatten_config, load_yaml
@@ -44,6 +45,16 @@ def resume_conflicts(old: dict[str, object], new: dict[str, object], ignore: tup
     return out
 
 
+#: What a run (or Slurm, or another rank starting at the same moment) may already have put in its
+#: directory before config.yaml exists; anything else means the folder is not a run.
+RUN_ENTRIES = ("checkpoints", "config.yaml", "vocab.json", "prior.safetensors", "logs", "tb", "metrics",
+               "train_loss.csv", "val_loss.csv", "launch.sbatch", "slurm-*.out", "nemo_log_*", ".*")  # fmt: skip
+
+
+def _written_by_a_run(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in RUN_ENTRIES)
+
+
 def check_resume(cfg: ScaleConfig, run_dir: Path, before_vocabulary: bool = False) -> None:
     """Refuse to resume a run whose checkpoints were trained with other settings.
 
@@ -54,9 +65,10 @@ def check_resume(cfg: ScaleConfig, run_dir: Path, before_vocabulary: bool = Fals
     config = run_dir / "config.yaml"
     if run_dir.exists() and not run_dir.is_dir():
         raise ScaleError(f"--output {run_dir} is a file", "train into a new or empty --output directory")
-    if run_dir.is_dir() and not config.exists() and any(run_dir.iterdir()):
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _written_by_a_run(p.name)) if run_dir.is_dir() else []
+    if foreign and not config.exists():
         raise ScaleError(
-            f"--output {run_dir} is a non-empty folder but not a bionemo-scale run (no config.yaml)",
+            f"--output {run_dir} is a folder with other content ({', '.join(foreign[:3])}), not a bionemo-scale run",
             "train into a new or empty --output directory (a run directory resumes)",
         )
     if not (config.exists() and ckpts.is_dir() and any(ckpts.iterdir())):
