@@ -217,7 +217,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
     cols = [k for k in df.columns if k not in ("context", "perturbation", "split")]
-    summary = pd.DataFrame({"all non-test pairs": df[cols].mean(), "val pairs": df[df.split == "val"][cols].mean()})
+    # a column scored on val pairs only has no all-pairs mean (pandas would average the val rows)
+    summary = pd.DataFrame(
+        {"all non-test pairs": df[cols].mean(skipna=False), "val pairs": df[df.split == "val"][cols].mean()}
+    )
     print(f"pseudobulk PDCorr, mean over pairs ({len(df)} non-test, {int((df.split == 'val').sum())} val):")
     print(summary.round(3).to_string())
     print(f"per-pair rows: {args.out}")
