@@ -262,3 +262,13 @@ def test_duplicate_predicted_genes_are_named_as_such() -> None:
     pred.var_names = ["a", "b", "b"]
     with pytest.raises(ScaleError, match=r"predicted gene names are not unique \('b'\)"):
         check_genes(real, pred)
+
+
+def test_report_of_a_one_gene_panel(tmp_path):
+    """The PCA panel used to index a second component that one gene does not have."""
+    real, pred = make_pair(n_perts=2, cells_per_pert=20, n_genes=20, n_control=30, seed=1, effect_fraction=1.0)
+    real[:, :1].copy().write_h5ad(tmp_path / "real.h5ad")
+    pred[:, :1].copy().write_h5ad(tmp_path / "pred.h5ad")
+    out = tmp_path / "out"
+    run_evaluate(tmp_path / "pred.h5ad", tmp_path / "real.h5ad", "target", "control", out, progress=False)
+    assert (out / "report.md").exists() and any(out.rglob("pca.png"))

@@ -175,6 +175,8 @@ def plot_pca(model: Evaluation, real: Side, pred: Side, pairs: list, control: st
         mean = fit.mean(0)
         _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)
         comps = vt[:2].T
+        if comps.shape[1] < 2:  # one gene (or one cell): plot it against a flat second axis
+            comps = np.pad(comps, ((0, 0), (0, 2 - comps.shape[1])))
         ax = fig.add_subplot(rows, cols, k + 1)
         for data, name, colour in (
             (ctrl, "real control", "lightgrey"),
