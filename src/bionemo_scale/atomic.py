@@ -16,8 +16,13 @@ from pathlib import Path
 from bionemo_scale.errors import ScaleError
 
 
-def check_output_free(path: Path, overwrite: bool) -> None:
-    """Fail early, before any work, when `path` exists and may not be replaced, or cannot be made."""
+def check_output_free(path: Path, overwrite: bool, kind: tuple[str, str] | None = None) -> None:
+    """Fail early, before any work, when `path` exists and may not be replaced, or cannot be made.
+
+    `kind` = (a file every output of this command has, its description). `--overwrite` then only
+    replaces a folder that holds that file: a folder of anything else (the command's own inputs,
+    a run, notes) is never deleted by a typo in the output path.
+    """
     path = Path(path)
     try:
         exists = path.exists()
@@ -28,12 +33,25 @@ def check_output_free(path: Path, overwrite: bool) -> None:
         raise ScaleError(
             f"cannot check output {path} ({exc.strerror or exc})", "choose an accessible location"
         ) from None
+    foreign = exists and kind is not None and path.is_dir() and any(path.iterdir()) and not (path / kind[0]).exists()
     if exists and not overwrite:
-        raise ScaleError(f"output {path} already exists", "choose another path or pass --overwrite")
+        fix = "choose another path" if foreign else "choose another path or pass --overwrite"
+        raise ScaleError(f"output {path} already exists", fix)
+    if foreign:
+        assert kind is not None
+        raise ScaleError(
+            f"output {path} is a folder that is not a previous {kind[1]} (it has no {kind[0]})",
+            "choose another path (--overwrite only replaces a previous output of this command)",
+        )
     if not ancestor.is_dir():
         raise ScaleError(f"cannot create output {path}: {ancestor} is a file, not a folder", "choose another path")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ScaleError(f"cannot create output {path}: {ancestor} is not writable", "choose a writable location")
+
+
+DATASET = ("manifest.json", "processed dataset")
+RELEASE = ("model.safetensors", "release")
+EVALUATION = ("agg_results.csv", "evaluation")
 
 
 def _umask() -> int:
@@ -43,10 +61,13 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `path` only if the block succeeds."""
+def atomic_dir(
+    path: str | os.PathLike[str], overwrite: bool = False, kind: tuple[str, str] | None = None
+) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `path` only if the block succeeds (`kind`: see
+    `check_output_free`)."""
     final = Path(path)
-    check_output_free(final, overwrite)
+    check_output_free(final, overwrite, kind)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any mkdir

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -122,6 +123,10 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     from bionemo_scale.eval.baselines import make_baseline
     from bionemo_scale.predict import build_anndata, held_out_groups, plan_predictions, run_predictor, write_predictions
 
+    if Path(args.output).is_dir():
+        raise ScaleError(
+            f"--output {args.output} is a folder", "give the PRED.h5ad file path (REAL.h5ad goes beside it)"
+        )
     check_output_free(Path(args.output), args.overwrite)
     data = ProcessedDataset(args.data)
     groups = held_out_groups(data, args.split, args.subset)
@@ -191,6 +196,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """argparse type: numpy's generators take seeds >= 0 only."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
 def _check_split(args: argparse.Namespace) -> None:
     if args.split != "split-col" and not Path(args.split).exists():
         raise ScaleError(f"split file {args.split} does not exist", "pass an existing TOML split, or 'split-col'")
@@ -230,6 +246,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_resume(cfg, Path(args.output), before_vocabulary=True)
     from bionemo_scale.train.engine import train
 
+    quiet_libraries()
+
     with _no_half_run(Path(args.output)):
         run = train(cfg, args.output)
     print(f"run written to {run} (checkpoints in {Path(run) / 'checkpoints'})")
@@ -247,6 +265,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     # train(), which checks the resume there; the early check would compare unresolved values
     gene_map = read_gene_map(args.gene_map) if args.gene_map else None
     from bionemo_scale.train.engine import train
+
+    quiet_libraries()
 
     with _no_half_run(Path(args.output)):
         run = train(cfg, args.output, gene_map=gene_map)
@@ -271,11 +291,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from bionemo_scale.train.release import load_model, load_prior
 
     _check_split(args)
+    if Path(args.output).is_dir():
+        raise ScaleError(
+            f"--output {args.output} is a folder", "give the PRED.h5ad file path (REAL.h5ad goes beside it)"
+        )
     check_output_free(Path(args.output), args.overwrite)
     data = ProcessedDataset(args.data)
     groups = held_out_groups(data, args.split, args.subset)
     source = resolve(args.checkpoint)
     model, cfg, vocab = load_model(source)
+    if args.gene_map:  # the same renaming the model was fine-tuned with
+        from bionemo_scale.train.finetune import read_gene_map
+
+        data.align_genes(list(vocab["genes"]), read_gene_map(args.gene_map))  # type: ignore[arg-type]
     prior = load_prior(source, cfg)
     priors = GroupPriors(prior, data, cover=cfg.model.prior_cover) if prior is not None else None
     predictor = model_predictor(model, VocabularyMap(vocab, data), steps=args.steps or cfg.flow.inference_steps)
@@ -292,12 +320,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from bionemo_scale.atomic import check_output_free
+    from bionemo_scale.atomic import RELEASE, check_output_free
 
     if not Path(args.run).is_dir():
         raise ScaleError(f"run directory {args.run} does not exist", "pass the --output of `bionemo-scale train`")
-    check_output_free(Path(args.out), args.overwrite)  # before the checkpoint is loaded
+    check_output_free(Path(args.out), args.overwrite, RELEASE)  # before the checkpoint is loaded
     from bionemo_scale.train.release import export_release
+
+    quiet_libraries()
 
     out = export_release(args.run, args.out, which=args.which, overwrite=args.overwrite)
     print(f"release written to {out}")
@@ -393,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, help="batches per context")
     p.add_argument("--perturbations", type=int)
     p.add_argument("--combinations", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=_seed)
     p.add_argument("--chunk-rows", type=int)
     p.add_argument("--program-gain-sd", type=float, help="sd of per-(context, program) log gains (default 0.5)")
     p.add_argument("--context-specificity", type=float, help="size of idiosyncratic context deviations (0.5)")
@@ -411,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", default="train", choices=["train", "val", "test"])
     p.add_argument("--set-size", type=_positive_int, default=32)
     p.add_argument("-n", type=_positive_int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(handler=_cmd_sample)
 
     p = sub.add_parser("train", help="train a SCALE model (NeMo 2 MegatronStrategy; CPU or GPU)")
@@ -441,13 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True)
     p.add_argument("--subset", default="test", choices=["val", "test"])
     p.add_argument("--output", required=True, help="PRED.h5ad (REAL.h5ad is written beside it)")
+    p.add_argument("--gene-map", help="TSV: data gene <TAB> model gene (as given to finetune --gene-map)")
     p.add_argument("--steps", type=_positive_int, help="integration steps (NFE); default from the config (1)")
     p.add_argument(
         "--combinations",
         choices=["direct", "compose"],
         help="predict A+B directly or as the sum of the predicted A and B shifts; default from the config",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_cmd_predict)
 
@@ -487,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", default="test", choices=["val", "test"])
     p.add_argument("--output", required=True, help="PRED.h5ad (REAL.h5ad is written beside it)")
     p.add_argument("--set-size", type=_positive_int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument(
         "--prior-rank",
         type=_prior_rank_arg,
@@ -543,16 +574,39 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
             warnings.filterwarnings("ignore", category=UserWarning, module=pattern)
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed")
     warnings.filterwarnings("ignore", message="Please use DTensor instead")
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.WARNING)
+    global _LIBRARY_LEVEL
+    _LIBRARY_LEVEL = logging.ERROR if quiet else logging.WARNING
+    quiet_libraries()
     if quiet:
         warnings.simplefilter("ignore")
+
+
+_LIBRARY_LEVEL: int | None = None  # None: -v, leave the libraries alone
+
+
+def quiet_libraries() -> None:
+    """(Re)apply the library log levels: lightning resets its loggers to INFO when it is imported,
+    so the handlers call this again once the training stack is loaded."""
+    if _LIBRARY_LEVEL is not None:
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(_LIBRARY_LEVEL)
+
+
+#: Commands whose outputs are written atomically: on SIGTERM (`kill`, a Slurm time limit) they
+#: unwind like Ctrl-C, so the temporary sibling is removed. Training keeps Lightning's handling.
+TERMINABLE = {"preprocess", "synth", "predict", "baseline", "evaluate", "export"}
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.quiet)
+    if args.command in TERMINABLE:
+        signal.signal(signal.SIGTERM, _terminate)
     handler: Handler = args.handler
     try:
         return handler(args)

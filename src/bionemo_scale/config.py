@@ -61,7 +61,7 @@ class SamplerConfig(StrictModel):
     epoch_mode: Literal["cells", "groups"] = Field(
         "cells", description="cells: a group appears ~n_cells/S times per epoch; groups: once"
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
     @field_validator("set_size")
     @classmethod
@@ -125,7 +125,7 @@ class SynthConfig(StrictModel):
     library_size: float = Field(3000.0, gt=0)
     library_sd: float = Field(0.3, ge=0)
     nb_theta: float = Field(5.0, gt=0, description="negative-binomial inverse dispersion")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     chunk_rows: int = Field(20_000, ge=1)
 
     @model_validator(mode="after")
@@ -286,7 +286,7 @@ class TrainerConfig(StrictModel):
     tensor_model_parallel_size: int = Field(1, ge=1)
     pipeline_model_parallel_size: int = Field(1, ge=1)
     precision: Literal["32", "bf16-mixed"] = "32"
-    seed: int = 1234
+    seed: int = Field(1234, ge=0)
     deterministic: bool = True
 
 
@@ -302,6 +302,24 @@ class ScaleConfig(StrictModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     init_from: str | None = Field(None, description="release (name, path or file:// URL) to fine-tune from")
+
+    @model_validator(mode="after")
+    def _monitored_metric_exists(self) -> ScaleConfig:
+        """A typo in checkpoint.monitor would only fail at the first validation, after training time."""
+        monitor = self.checkpoint.monitor
+        if monitor == "val_loss":
+            return self
+        from bionemo_scale.eval.metrics import PROFILES
+
+        logged = [f"val/{m}" for m in PROFILES[self.eval.profile]] if self.eval.enabled else []
+        if monitor not in logged:
+            hint = (
+                f"val_loss or a metric of eval.profile such as {', '.join(logged[:4])}"
+                if logged
+                else "val_loss (eval.enabled=false)"
+            )
+            raise ValueError(f"checkpoint.monitor {monitor!r} is not logged by this config; use {hint}")
+        return self
 
     @model_validator(mode="after")
     def _parallel_layout(self) -> ScaleConfig:

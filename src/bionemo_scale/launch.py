@@ -190,6 +190,14 @@ def launch(spec: LaunchSpec, executor: str, dry_run: bool) -> int:
             raise ScaleError(
                 f"the local executor runs on one node, not {spec.nodes}", "use --nodes 1, or --executor slurm"
             )
+        if not dry_run:  # local paths: check them here, or every rank fails and torchrun adds its traceback
+            from bionemo_scale.data.store import ProcessedDataset
+
+            ProcessedDataset(spec.data)
+            if spec.split != SPLIT_COL and not Path(spec.split).is_file():
+                raise ScaleError(
+                    f"split file {spec.split} does not exist", "pass an existing TOML split, or 'split-col'"
+                )
         cmd = torchrun_command(spec)
         print(" ".join(shlex.quote(c) for c in cmd))
         return 0 if dry_run else subprocess.call(cmd)

@@ -251,7 +251,7 @@ class VocabularyMap:
             raise ScaleError(
                 f"the model's {len(model_vocab['genes'])} genes differ from the data's {data.n_genes} "  # type: ignore[arg-type]
                 "(names or order)",
-                "preprocess the data against the model's genes.txt, or fine-tune with --gene-map",
+                "preprocess the data against the model's genes.txt, or fine-tune with --gene-map (and give predict the same --gene-map)",
             )
         idx = data.index
 

@@ -131,10 +131,11 @@ def test_output_exists_without_overwrite(tmp_path: Path, capsys) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     rc, err = _run(["preprocess", str(src), str(out), *PP_ARGS], capsys)
-    assert rc == 2 and "already exists" in err and "--overwrite" in err
+    assert rc == 2 and "already exists" in err and "--overwrite" not in err  # not a dataset: no such advice
     assert (out / "keep.txt").read_text() == "precious"
-    assert _run(["preprocess", str(src), str(out), *PP_ARGS, "--overwrite"], capsys)[0] == 0
-    assert not (out / "keep.txt").exists() and (out / "scdl").is_dir()
+    rc, err = _run(["preprocess", str(src), str(out), *PP_ARGS, "--overwrite"], capsys)
+    assert rc == 2 and "not a previous processed dataset" in err  # --overwrite replaces datasets only
+    assert (out / "keep.txt").read_text() == "precious"
 
 
 def test_set_size_below_one(tmp_path: Path, capsys) -> None:
@@ -343,3 +344,70 @@ def test_h5ad_without_an_index_is_one_line(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     rc, err = _run(["preprocess", str(src), str(out), *PP_ARGS], capsys)
     _assert_clean_failure(rc, err, out, "has no index")
+
+
+def test_overwrite_never_replaces_a_folder_of_something_else(tmp_path: Path, capsys) -> None:
+    """`--overwrite` with the output pointed at the input's folder used to delete the input."""
+    folder = tmp_path / "inp"
+    folder.mkdir()
+    src = _h5ad(folder)
+    rc, err = _run(["preprocess", str(src), str(folder), *PP_ARGS, "--overwrite"], capsys)
+    assert rc == 2 and "not a previous processed dataset" in err and len(err.splitlines()) == 1
+    assert src.exists()  # the input survived
+    out = tmp_path / "out"
+    assert _run(["preprocess", str(src), str(out), *PP_ARGS], capsys)[0] == 0
+    assert _run(["preprocess", str(src), str(out), *PP_ARGS, "--overwrite"], capsys)[0] == 0  # a dataset: replaced
+
+
+def test_negative_seed_and_unknown_monitor(tmp_path: Path, capsys) -> None:
+    src, out = _h5ad(tmp_path), tmp_path / "out"
+    assert _run(["preprocess", str(src), str(out), *PP_ARGS], capsys)[0] == 0
+    with pytest.raises(SystemExit):
+        _run(["sample", str(out), "--seed", "-1"], capsys)
+    assert "--seed: must be >= 0" in capsys.readouterr().err
+    from bionemo_scale.config import ScaleConfig, apply_overrides
+    from bionemo_scale.recipes import get_recipe
+
+    with pytest.raises(ScaleError, match=r"checkpoint\.monitor 'val/nonexistent' is not logged"):
+        apply_overrides(get_recipe("tiny_cpu"), ["checkpoint.monitor=val/nonexistent"])
+    assert isinstance(apply_overrides(get_recipe("tiny_cpu"), ["checkpoint.monitor=val/pearson_delta"]), ScaleConfig)
+
+
+def test_a_file_given_as_the_dataset(tmp_path: Path) -> None:
+    from bionemo_scale.data.store import ProcessedDataset
+
+    with pytest.raises(ScaleError, match="is a file, not a processed dataset folder"):
+        ProcessedDataset(_h5ad(tmp_path))
+
+
+def test_sigterm_leaves_no_temporary(tmp_path: Path) -> None:
+    """`kill` or a Slurm time limit mid-preprocess used to leave the hidden temporary folder."""
+    import signal
+    import time
+
+    src = tmp_path / "big.h5ad"
+    make_counts_adata(n_per_group=400, n_genes=300).write_h5ad(src)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bionemo_scale.cli",
+        "-q",
+        "preprocess",
+        str(src),
+        str(out),
+        *PP_ARGS,
+        "--chunk-rows",
+        "16",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir()) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    if rc == 0:
+        pytest.fail("preprocess finished before SIGTERM arrived; make the input larger")
+    assert rc == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.h5ad"]

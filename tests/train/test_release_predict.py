@@ -184,6 +184,28 @@ def test_damaged_checkpoint_or_prior_is_one_line(
     assert not (tmp_path / "out_rel").exists() and not (tmp_path / "p.h5ad").exists()
 
 
+def test_predict_with_a_gene_map(release: Path, demo_data: Path, tmp_path: Path) -> None:
+    """Data whose genes are named differently predicts through the map that fine-tuning took."""
+    import shutil
+
+    data = tmp_path / "renamed"
+    shutil.copytree(demo_data, data)
+    genes = (data / "genes.txt").read_text().splitlines()
+    (data / "genes.txt").write_text("".join(f"lab_{g}\n" for g in genes))
+    gene_map = tmp_path / "map.tsv"
+    gene_map.write_text("".join(f"lab_{g}\t{g}\n" for g in genes))
+    args = ["predict", "--checkpoint", str(release), "--data", str(data), "--split", str(SPLIT)]
+    refused = cli(*args, "--output", str(tmp_path / "no.h5ad"), check=False, timeout=120)
+    assert refused.returncode == 2 and "--gene-map" in refused.stderr
+    cli(*args, "--output", str(tmp_path / "p.h5ad"), "--gene-map", str(gene_map), timeout=120)
+    pred = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert list(pred.var_names) == genes and pred.n_obs > 0  # the model's panel, in its order
+    two_to_one = tmp_path / "bad.tsv"
+    two_to_one.write_text(f"lab_{genes[0]}\t{genes[0]}\nlab_{genes[1]}\t{genes[0]}\n")
+    proc = cli(*args, "--output", str(tmp_path / "b.h5ad"), "--gene-map", str(two_to_one), check=False, timeout=120)
+    assert proc.returncode == 2 and "from several data genes" in proc.stderr
+
+
 FT = ["trainer.max_steps=8", "trainer.val_check_interval=8", "checkpoint.every_n_train_steps=8", "eval.enabled=false",
       "data.micro_batch_size=4", "data.global_batch_size=8", "optim.lr=0.002", "optim.warmup_steps=0"]  # fmt: skip
 

@@ -75,3 +75,22 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path: Path) -> None:
     check_resume(_cfg(), starting)
     with pytest.raises(ScaleError, match="is a file"):
         check_resume(_cfg(), data / "manifest.json")
+
+
+def test_best_checkpoint_must_be_unambiguous(tmp_path: Path) -> None:
+    """'best' used to fall back silently to the last checkpoint, or to the latest of several top-k."""
+    from bionemo_scale.train.release import find_checkpoint
+
+    def ckpt(name: str) -> None:
+        (tmp_path / "checkpoints" / name / "weights").mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "weights" / "metadata.json").write_text("{}")
+
+    ckpt("step=9-consumed_samples=80.0-last")
+    with pytest.raises(ScaleError, match="no best-by-monitor checkpoint"):
+        find_checkpoint(tmp_path, "best")
+    ckpt("step=4-consumed_samples=40.0")
+    assert find_checkpoint(tmp_path, "best").parent.name == "step=4-consumed_samples=40.0"
+    assert find_checkpoint(tmp_path, "last").parent.name.endswith("-last")
+    ckpt("step=6-consumed_samples=56.0")
+    with pytest.raises(ScaleError, match="2 top-k checkpoints"):
+        find_checkpoint(tmp_path, "best")

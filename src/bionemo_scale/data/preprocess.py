@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from bionemo_scale.atomic import atomic_dir
+from bionemo_scale.atomic import DATASET, atomic_dir
 from bionemo_scale.config import PreprocessConfig
 from bionemo_scale.data.h5ad_source import H5adSource
 from bionemo_scale.data.index import NO_BATCH, PerturbationIndex, parse_dose
@@ -157,7 +157,10 @@ def preprocess(
     """Run the full preprocessing; returns the manifest that is also written to manifest.json."""
     t0 = time.perf_counter()
     output_dir = Path(output_dir)
-    with H5adSource(input_path, cfg.matrix_key) as src, atomic_dir(output_dir, overwrite=overwrite) as tmp:
+    with (
+        H5adSource(input_path, cfg.matrix_key) as src,
+        atomic_dir(output_dir, overwrite=overwrite, kind=DATASET) as tmp,
+    ):
         genes_in = src.var_names()
         _check_genes(genes_in)
         plan = _Plan(cfg, src)

@@ -21,6 +21,11 @@ class ProcessedDataset:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_file():
+            raise ScaleError(
+                f"{self.path} is a file, not a processed dataset folder",
+                f"run `bionemo-scale preprocess {self.path} OUT ...` and pass OUT",
+            )
         if not self.path.is_dir():
             raise ScaleError(f"dataset {self.path} does not exist", "run `bionemo-scale preprocess` first")
         manifest_path = self.path / "manifest.json"

@@ -34,7 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from bionemo_scale.atomic import atomic_dir, atomic_file
+from bionemo_scale.atomic import DATASET, atomic_dir, atomic_file
 from bionemo_scale.config import SynthConfig
 from bionemo_scale.data.layout import SCDL_SUBDIR, write_dataset_files
 from bionemo_scale.data.normalize import normalize_log1p
@@ -191,7 +191,7 @@ def write_synthetic_dataset(out: str | Path, cfg: SynthConfig, overwrite: bool =
     total = sum(n for *_, n in groups)
     genes = [f"G{g:05d}" for g in range(cfg.n_genes)]
     batches = sorted(b for bs in truth.batches for b in bs)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind=DATASET) as tmp:
         appender = ScdlAppender(tmp / SCDL_SUBDIR, cfg.n_genes)
         obs_parts = []
         with tqdm(total=total, unit="cells", desc="synth", disable=not progress) as bar:

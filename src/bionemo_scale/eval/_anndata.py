@@ -33,6 +33,8 @@ def _preview(items: list[str] | np.ndarray, n: int = 5) -> str:
 def read_h5ad(path: str | Path, role: str) -> ad.AnnData:
     """Read an h5ad into memory, or fail with what is wrong with the path."""
     path = Path(path)
+    if path.is_dir():
+        raise ScaleError(f"{role} file {path} is a folder", f"pass the path of an .h5ad file as --{role}")
     if not path.is_file():
         raise ScaleError(f"{role} file {path} does not exist", f"pass the path of an .h5ad file as --{role}")
     try:

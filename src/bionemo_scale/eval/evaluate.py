@@ -33,7 +33,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from bionemo_scale.atomic import atomic_dir, check_output_free
+from bionemo_scale.atomic import EVALUATION, atomic_dir, check_output_free
 from bionemo_scale.errors import ScaleError
 from bionemo_scale.eval import _anndata
 from bionemo_scale.eval._anndata import Side
@@ -339,7 +339,7 @@ def run_evaluate(
     """
     start = time.perf_counter()
     output_dir = Path(output_dir)
-    check_output_free(output_dir, overwrite)
+    check_output_free(output_dir, overwrite, EVALUATION)
     if threads is not None and threads < 1:
         raise ScaleError(f"threads must be at least 1, got {threads}", "pass --threads 1 or more")
     threads = threads or available_cores()
@@ -386,7 +386,7 @@ def run_evaluate(
                 others[kind] = _evaluate_reference(kind, real, pairs, genes, control, metrics, fdr, tick, par)
 
     out = EvaluateOutput(output_dir=output_dir, model=model, baselines=others)
-    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(output_dir, overwrite=overwrite, kind=EVALUATION) as tmp:
         _write_evaluation(model, tmp, write_de=write_de)
         for name, ev in others.items():
             _write_evaluation(ev, tmp / "baselines", prefix=f"{name}_")

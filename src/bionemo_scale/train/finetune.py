@@ -100,6 +100,16 @@ def read_gene_map(path: str | Path) -> dict[str, str]:
                 f"{path}:{n} does not hold two tab-separated gene names", "write DATA_GENE<TAB>RELEASE_GENE"
             )
         mapping[cols[0].strip()] = cols[1].strip()
+    targets: dict[str, list[str]] = {}
+    for source, target in mapping.items():
+        targets.setdefault(target, []).append(source)
+    many = {t: s for t, s in targets.items() if len(s) > 1}
+    if many:
+        target, sources = next(iter(many.items()))
+        raise ScaleError(
+            f"{path} maps {len(many)} gene(s) from several data genes, e.g. {sources[:3]} -> {target}",
+            "keep one data gene per model gene (e.g. the most expressed), or sum them before preprocessing",
+        )
     return mapping
 
 

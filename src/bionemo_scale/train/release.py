@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bionemo_scale.atomic import atomic_dir
+from bionemo_scale.atomic import RELEASE, atomic_dir
 from bionemo_scale.config import ScaleConfig, dump_yaml, load_yaml, validate_config
 from bionemo_scale.errors import ScaleError
 
@@ -56,8 +56,15 @@ def find_checkpoint(run_dir: str | Path, which: str = "last") -> Path:
     if which == "last":
         last = [d for d in done if d.name.endswith("-last")] or done
         return max(last, key=step) / "weights"
-    best = [d for d in done if not d.name.endswith("-last")] or done
-    return max(best, key=step) / "weights"
+    best = [d for d in done if not d.name.endswith("-last")]
+    if len(best) != 1:  # top-k files do not record which one is best, so only k = 1 is unambiguous
+        raise ScaleError(
+            f"{ckpt_root} holds {len(best)} top-k checkpoints, so 'best' is ambiguous"
+            if best
+            else f"{ckpt_root} holds no best-by-monitor checkpoint (only the last)",
+            "export --which last, or train with checkpoint.save_top_k=1 and validation",
+        )
+    return best[0] / "weights"
 
 
 def read_run_config(run_dir: str | Path) -> tuple[ScaleConfig, dict[str, object]]:
@@ -152,7 +159,7 @@ only (the unknown-context token); such zero-shot predictions are weaker.
 
 def export_release(run_dir: str | Path, out: str | Path, which: str = "last", overwrite: bool = False) -> Path:
     model, cfg, vocab = load_run_model(run_dir, which)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind=RELEASE) as tmp:
         save_file(
             {k: v.contiguous() for k, v in full_state(model).items()},
             str(tmp / "model.safetensors"),
