@@ -118,16 +118,11 @@ def _prior_rank_arg(value: str) -> int | str:
 
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
-    from bionemo_scale.atomic import check_output_free
     from bionemo_scale.data.store import ProcessedDataset
     from bionemo_scale.eval.baselines import make_baseline
     from bionemo_scale.predict import build_anndata, held_out_groups, plan_predictions, run_predictor, write_predictions
 
-    if Path(args.output).is_dir():
-        raise ScaleError(
-            f"--output {args.output} is a folder", "give the PRED.h5ad file path (REAL.h5ad goes beside it)"
-        )
-    check_output_free(Path(args.output), args.overwrite)
+    _check_prediction_output(args)
     data = ProcessedDataset(args.data)
     groups = held_out_groups(data, args.split, args.subset)
     predictor = make_baseline(args.method, data, data.split_labels(args.split), prior_rank=args.prior_rank)
@@ -185,26 +180,35 @@ def _job_config(args: argparse.Namespace, default_recipe: str | None = None):
     return apply_overrides(cfg, [*fixed, *args.overrides])
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a set of 0 cells or 0 integration steps means nothing)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
+def _int_at_least(minimum: int, why: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum` (`why` is its docstring, for the reader)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, not {value}")
+        return value
+
+    parse.__doc__ = why
+    return parse
 
 
-def _seed(text: str) -> int:
-    """argparse type: numpy's generators take seeds >= 0 only."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
-    return value
+_positive_int = _int_at_least(1, "a set of 0 cells or 0 integration steps means nothing")
+_seed = _int_at_least(0, "numpy's generators take seeds >= 0 only")
+
+
+def _check_prediction_output(args: argparse.Namespace) -> None:
+    """Before any work: PRED.h5ad must be a free file path (REAL.h5ad goes beside it)."""
+    from bionemo_scale.atomic import check_output_free
+
+    if Path(args.output).is_dir():
+        raise ScaleError(
+            f"--output {args.output} is a folder", "give the PRED.h5ad file path (REAL.h5ad goes beside it)"
+        )
+    check_output_free(Path(args.output), args.overwrite)
 
 
 def _check_split(args: argparse.Namespace) -> None:
@@ -275,7 +279,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from bionemo_scale.atomic import check_output_free
     from bionemo_scale.data.prior import GroupPriors
     from bionemo_scale.data.store import ProcessedDataset
     from bionemo_scale.predict import (
@@ -291,11 +294,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from bionemo_scale.train.release import load_model, load_prior
 
     _check_split(args)
-    if Path(args.output).is_dir():
-        raise ScaleError(
-            f"--output {args.output} is a folder", "give the PRED.h5ad file path (REAL.h5ad goes beside it)"
-        )
-    check_output_free(Path(args.output), args.overwrite)
+    _check_prediction_output(args)
     data = ProcessedDataset(args.data)
     groups = held_out_groups(data, args.split, args.subset)
     source = resolve(args.checkpoint)
