@@ -225,7 +225,7 @@ def _check_dataset_path(path: str) -> None:
 
 @contextlib.contextmanager
 def _no_half_run(output: Path) -> Iterator[None]:
-    """A new run directory that a bad-input error stops during set-up is removed.
+    """A new run directory that a bad-input (or out-of-memory) error stops during set-up is removed.
 
     Once training has logged a step the directory is kept (its logs explain the failure, and its
     checkpoints are how a stopped job continues), and under torchrun nothing is removed.
@@ -234,11 +234,25 @@ def _no_half_run(output: Path) -> Iterator[None]:
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1  # never delete under other ranks' feet
     try:
         yield
-    except ScaleError:
+    except (ScaleError, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not _out_of_memory(exc):
+            raise
         started = (output / "train_loss.csv").exists() or (output / "checkpoints").is_dir()
         if fresh and single and output.is_dir() and not started:  # failed in set-up: nothing to keep
             shutil.rmtree(output, ignore_errors=True)
         raise
+
+
+def _check_split_unchanged(cfg, run_dir: Path) -> None:
+    """A resumed run's split must still hold out the same pairs (checked again inside train)."""
+    from bionemo_scale.train.resume import SPLIT_RECORD, check_split_unchanged, split_record
+
+    if not (run_dir / SPLIT_RECORD).is_file():
+        return
+    from bionemo_scale.data.store import ProcessedDataset
+
+    data = ProcessedDataset(cfg.data.path)
+    check_split_unchanged(run_dir, split_record(data.index, data.split_labels(cfg.data.split), str(cfg.data.split)))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -248,6 +262,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _check_dataset_path(args.data)
     cfg = _job_config(args)
     check_resume(cfg, Path(args.output), before_vocabulary=True)
+    _check_split_unchanged(cfg, Path(args.output))
     from bionemo_scale.train.engine import train
 
     quiet_libraries()
@@ -315,6 +330,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     pred, real = build_anndata(data, plans, pred_X, kind=f"scale:{args.checkpoint}")
     real_path = write_predictions(pred, real, Path(args.output), overwrite=args.overwrite)
     print(f"wrote {args.output} ({pred.n_obs:,} cells, {len(groups)} held-out groups) and {real_path}")
+    return 0
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from bionemo_scale.ensemble import average_predictions
+
+    _check_prediction_output(args)
+    real_path = average_predictions([Path(p) for p in args.members], Path(args.output), overwrite=args.overwrite)
+    print(f"wrote {args.output} (the mean of {len(args.members)} predictions) and {real_path}")
     return 0
 
 
@@ -481,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_cmd_predict)
 
+    p = sub.add_parser("ensemble", help="average several models' predictions of the same cells, cell by cell")
+    p.add_argument("members", nargs="+", help="PRED.h5ad files from predict (same data, split, subset and seed)")
+    p.add_argument("--output", required=True, help="PRED.h5ad of the ensemble (REAL.h5ad is written beside it)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_cmd_ensemble)
+
     p = sub.add_parser("export", help="export a run's checkpoint as a portable release (safetensors)")
     p.add_argument("run")
     p.add_argument("out")
@@ -593,16 +623,42 @@ def quiet_libraries() -> None:
 
 #: Commands whose outputs are written atomically: on SIGTERM (`kill`, a Slurm time limit) they
 #: unwind like Ctrl-C, so the temporary sibling is removed. Training keeps Lightning's handling.
-TERMINABLE = {"preprocess", "synth", "predict", "baseline", "evaluate", "export"}
+TERMINABLE = {"preprocess", "synth", "predict", "baseline", "ensemble", "evaluate", "export"}
 
 
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+@contextlib.contextmanager
+def _restored_process_state() -> Iterator[None]:
+    """Undo what main() changes process-wide (warning filters, library log levels, the SIGTERM
+    handler), so calling it from a notebook or a test leaves the caller's process as it was."""
+    global _LIBRARY_LEVEL
+    filters = list(warnings.filters)
+    levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
+    library_level = _LIBRARY_LEVEL
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        warnings.filters[:] = filters
+        warnings._filters_mutated()  # type: ignore[attr-defined]  # invalidate the per-module caches
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        _LIBRARY_LEVEL = library_level
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _restored_process_state():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     configure_logging(args.verbose, args.quiet)
     if args.command in TERMINABLE:
         signal.signal(signal.SIGTERM, _terminate)
@@ -615,6 +671,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bionemo-scale {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:  # torch's CPU/GPU allocation failures are RuntimeErrors
+        if not _out_of_memory(exc):
+            raise
+        err = ScaleError(
+            f"out of memory ({_first_line(exc)})",
+            "lower the set size (--set-size, data.sampler.set_size) or the sets per batch (data.micro_batch_size), "
+            "or use a machine with more memory",
+        )
+        print(f"bionemo-scale {args.command}: error: {err.one_line()}", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: numpy's MemoryError, torch's OutOfMemoryError or CPU allocator error."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return "can't allocate memory" in text or "out of memory" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,36 @@ def test_set_size_below_one(tmp_path: Path, capsys) -> None:
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
         assert f"argument {flag[0]}: must be >= 1" in err and "Fix:" in err
+
+
+def test_a_set_size_beyond_memory_is_one_line(tmp_path: Path, capsys) -> None:
+    """An absurd set size fails at allocation: one line naming memory and the knobs, no output."""
+    src, data = _h5ad(tmp_path), tmp_path / "data"
+    assert _run(["preprocess", str(src), str(data), *PP_ARGS], capsys)[0] == 0
+    out, split = tmp_path / "PRED.h5ad", tmp_path / "split.toml"
+    split.write_text('[fewshot.ctxA]\nval = []\ntest = ["KO2"]\n')
+    rc, err = _run(["baseline", "--method", "control", "--data", str(data), "--split", str(split),
+                    "--output", str(out), "--set-size", str(10**12)], capsys)  # fmt: skip
+    _assert_clean_failure(rc, err, out, "out of memory", "--set-size")
+
+
+@pytest.mark.parametrize("target", ["missing", "folder", "file"])
+def test_a_symlink_as_output_is_refused(tmp_path: Path, capsys, target: str) -> None:
+    """Writing "onto" a link would replace the link itself (a broken one crashed the rename)."""
+    src = _h5ad(tmp_path)
+    dest = tmp_path / "target"
+    if target == "folder":
+        dest.mkdir()
+        (dest / "manifest.json").write_text("{}")  # looks like a dataset: --overwrite alone would replace it
+    elif target == "file":
+        dest.write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(dest)
+    rc, err = _run(["preprocess", str(src), str(link), *PP_ARGS, "--overwrite"], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "is a symbolic link" in err and "Fix:" in err
+    assert link.is_symlink() and os.readlink(link) == str(dest)
+    assert dest.exists() == (target != "missing")
 
 
 def test_failure_midway_leaves_no_partial_output(tmp_path: Path, capsys) -> None:
@@ -411,3 +442,19 @@ def test_sigterm_leaves_no_temporary(tmp_path: Path) -> None:
         pytest.fail("preprocess finished before SIGTERM arrived; make the input larger")
     assert rc == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.h5ad"]
+
+
+def test_main_leaves_the_calling_process_as_it_was(capsys) -> None:
+    """In a notebook or test, `main(["-q", ...])` must not silence the caller's warnings and loggers."""
+    import logging
+    import signal
+    import warnings
+
+    filters, level = list(warnings.filters), logging.getLogger("megatron").level
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(["-q", "recipe", "list"]) == 0
+    assert main(["-q", "ensemble", "a.h5ad", "--output", "b.h5ad"]) == 2  # a TERMINABLE command that fails
+    capsys.readouterr()
+    assert list(warnings.filters) == filters
+    assert logging.getLogger("megatron").level == level
+    assert signal.getsignal(signal.SIGTERM) == handler

@@ -9,7 +9,7 @@ import pytest
 from bionemo_scale.config import dump_yaml
 from bionemo_scale.errors import ScaleError
 from bionemo_scale.recipes import get_recipe
-from bionemo_scale.train.resume import check_resume, resume_conflicts
+from bionemo_scale.train.resume import check_resume, check_split_unchanged, resume_conflicts, split_record
 
 
 def _cfg(**updates: object):
@@ -94,3 +94,46 @@ def test_best_checkpoint_must_be_unambiguous(tmp_path: Path) -> None:
     ckpt("step=6-consumed_samples=56.0")
     with pytest.raises(ScaleError, match="2 top-k checkpoints"):
         find_checkpoint(tmp_path, "best")
+    # a run that records its best (checkpoints/best.json, written by ScaleModelCheckpoint) is not ambiguous
+    (tmp_path / "checkpoints" / "best.json").write_text('{"best": "step=4-consumed_samples=40.0"}')
+    assert find_checkpoint(tmp_path, "best").parent.name == "step=4-consumed_samples=40.0"
+    (tmp_path / "checkpoints" / "best.json").write_text('{"best": "step=5-gone"}')  # deleted since: refuse
+    with pytest.raises(ScaleError, match="2 top-k checkpoints"):
+        find_checkpoint(tmp_path, "best")
+    (tmp_path / "checkpoints" / "best.json").write_text("{half")
+    with pytest.raises(ScaleError, match=r"best\.json is unreadable"):
+        find_checkpoint(tmp_path, "best")
+
+
+def test_the_split_record_names_what_was_held_out(tmp_path: Path) -> None:
+    import json
+    import types
+
+    import numpy as np
+    import pandas as pd
+
+    index = types.SimpleNamespace(
+        contexts=["k562", "a549"], batches=["b0"], perturbations=["control", "KLF1", "TGFBR2"],
+        groups=pd.DataFrame({"context_id": [0, 0, 0, 1, 1], "batch_id": [0] * 5, "pert_id": [0, 1, 2, 0, 1]}),
+        is_control=np.array([True, False, False, True, False]),
+    )  # fmt: skip
+    labels = np.array(["train", "train", "test", "train", "val"])
+    record = split_record(index, labels, "s.toml")
+    assert record["perturbed_groups"] == {"train": 1, "val": 1, "test": 1}
+    moved = split_record(index, np.array(["train", "train", "val", "train", "val"]), "s.toml")
+    assert moved["sha256"] != record["sha256"]
+    # the same assignment in another group order (a re-preprocessed dataset) is the same split
+    order = [4, 3, 2, 1, 0]
+    groups = index.groups.iloc[order].reset_index(drop=True)
+    shuffled = types.SimpleNamespace(**{**vars(index), "groups": groups, "is_control": index.is_control[order]})
+    assert split_record(shuffled, labels[order], "s.toml")["sha256"] == record["sha256"]
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step=9-last").mkdir(parents=True)
+    (run / "split.json").write_text(json.dumps(record))
+    check_split_unchanged(run, record)
+    with pytest.raises(ScaleError, match=r"now holds out other pairs.*restore the split file"):
+        check_split_unchanged(run, moved)
+    (run / "split.json").write_text("{not json")
+    with pytest.raises(ScaleError, match=r"split\.json is unreadable"):
+        check_split_unchanged(run, record)

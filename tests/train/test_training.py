@@ -27,7 +27,7 @@ def _tb_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_run_directory_and_learning(base_run: Path) -> None:
-    for name in ("config.yaml", "vocab.json", "train_loss.csv", "val_loss.csv"):
+    for name in ("config.yaml", "vocab.json", "split.json", "train_loss.csv", "val_loss.csv"):
         assert (base_run / name).exists(), name
     losses = read_losses(base_run / "train_loss.csv")
     assert [s for s, _ in losses] == list(range(1, 31))
@@ -39,10 +39,30 @@ def test_run_directory_and_learning(base_run: Path) -> None:
     assert val["val_loss"].iloc[-1] < 0.98 * val["val_loss"].iloc[0]
     ckpts = sorted(p.name for p in (base_run / "checkpoints").iterdir())
     assert any(n.endswith("-last") for n in ckpts)
+    _check_best_record(base_run)
     vocab = json.loads((base_run / "vocab.json").read_text())
     assert len(vocab["genes"]) == 500 and vocab["perturbations"][0] == "control"
     scalars = _tb_scalars(base_run)
     assert "reduced_train_loss" in scalars and "val/pearson_delta" in scalars
+
+
+def _check_best_record(run: Path, top_k: int = 1) -> None:
+    """checkpoints/best.json ranks each checkpoint by the validation of its *own* weights.
+
+    A step checkpoint named step=N holds the weights validated at step N + 1 (the validation
+    log's step). Stock Lightning saved it before that validation, ranked by the previous one.
+    """
+    record = json.loads((run / "checkpoints" / "best.json").read_text())
+    val = dict(pd.read_csv(run / "val_loss.csv").drop_duplicates("step").itertuples(index=False, name=None))
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir() and not p.name.endswith("-last"))
+    assert sorted(record["top_k"]) == kept and len(kept) == min(top_k, len(val))
+    for name, score in record["top_k"].items():
+        step = int(name.split("-")[0].split("=")[1]) + 1
+        assert score == pytest.approx(val[step], rel=1e-6), (name, val)
+    assert record["score"] == pytest.approx(min(val.values()), rel=1e-6)  # mode min: the lowest val_loss
+    from bionemo_scale.train.release import find_checkpoint
+
+    assert find_checkpoint(run, "best").parent.name == record["best"]
 
 
 def _offline_metrics(metrics_dir: Path, step: int) -> pd.DataFrame:
@@ -105,6 +125,7 @@ def test_stop_and_go_resume_replays_the_same_losses(demo_data: Path, base_run: P
     assert [s for s, _ in resumed] == list(range(resumed[0][0], 31))
     for step, loss in killed:
         assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    _check_best_record(out)  # the top-k table survived the restart: one best, the right one
 
 
 def test_bad_training_input(demo_data: Path, tmp_path: Path) -> None:
@@ -150,6 +171,24 @@ def test_resuming_with_other_settings_is_refused(demo_data: Path, base_run: Path
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "flow.pseudobulk_weight: 1.0 -> 3.0" in lines[0], proc.stderr[-3000:]
     assert "new --output" in lines[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_resuming_after_the_split_was_edited_is_refused(demo_data: Path, base_run: Path, tmp_path: Path) -> None:
+    """config.yaml stores the split's path only; split.json records what it held out."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(base_run, run)
+    record = json.loads((run / "split.json").read_text())
+    assert record["perturbed_groups"]["train"] > 0 and len(record["sha256"]) == 64
+    record["sha256"] = "0" * 64  # as if the split file had held out other pairs when the run started
+    (run / "split.json").write_text(json.dumps(record))
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    proc = cli(*train_args(demo_data, run, 40), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "now holds out other pairs" in lines[0], proc.stderr[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 

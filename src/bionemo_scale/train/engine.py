@@ -29,7 +29,7 @@ from bionemo_scale.config import ScaleConfig, dump_yaml
 from bionemo_scale.errors import ScaleError
 from bionemo_scale.parallel import optimizer_device_flags, patch_nemo_for_cpu
 from bionemo_scale.train import nemo_compat
-from bionemo_scale.train.resume import check_resume
+from bionemo_scale.train.resume import SPLIT_RECORD, check_resume, check_split_unchanged, split_record
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,8 @@ def build_trainer(cfg: ScaleConfig, run_dir: Path, extra_callbacks: list[pl.Call
     """(trainer, nemo_logger, auto_resume) for this config."""
     from lightning.pytorch.loggers import TensorBoardLogger
     from nemo import lightning as nl
-    from nemo.lightning.pytorch.callbacks import ModelCheckpoint
+
+    from bionemo_scale.train.checkpointing import ScaleModelCheckpoint
 
     accelerator = resolve_accelerator(cfg)
     if accelerator == "cpu":
@@ -183,7 +184,7 @@ def build_trainer(cfg: ScaleConfig, run_dir: Path, extra_callbacks: list[pl.Call
     plugins = nl.MegatronMixedPrecision(
         precision=t.precision, params_dtype=pipeline_dtype, pipeline_dtype=pipeline_dtype
     )
-    checkpoint = ModelCheckpoint(
+    checkpoint = ScaleModelCheckpoint(
         monitor=ck.monitor,
         mode=ck.mode,
         save_top_k=ck.save_top_k,
@@ -281,13 +282,17 @@ def prepare_run(
     return cfg, vocab
 
 
-def write_run_files(cfg: ScaleConfig, vocab: dict[str, object], run_dir: Path) -> None:
-    """config.yaml and vocab.json, written once by global rank 0 (after NeMoLogger set the dir up)."""
+def write_run_files(
+    cfg: ScaleConfig, vocab: dict[str, object], run_dir: Path, split: dict[str, object] | None = None
+) -> None:
+    """config.yaml, vocab.json and split.json, written once by global rank 0 (after NeMoLogger set the dir up)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     (run_dir / "vocab.json").write_text(json.dumps(vocab))
+    if split is not None:
+        (run_dir / SPLIT_RECORD).write_text(json.dumps(split, indent=1) + "\n")
 
 
 def train(
@@ -318,6 +323,8 @@ def train(
         callbacks.append(BiologicalMetricsCallback.from_config(cfg, run_dir))
     module = ScaleLightningModule(cfg, optim=build_optimizer(cfg), run_vocab=vocab, init_from=cfg.init_from)
     datamodule = ScaleDataModule(cfg, seq_length=module.seq_length, run_vocab=vocab, gene_map=gene_map)
+    split = split_record(datamodule.data.index, datamodule.labels, str(cfg.data.split))
+    check_split_unchanged(run_dir, split)
     trainer, nemo_logger, resume = build_trainer(cfg, run_dir, callbacks)
     if datamodule.val_groups.size == 0:
         logger.warning("the split has no validation pairs: validation and metric-based checkpointing are off")
@@ -328,7 +335,7 @@ def train(
     from nemo.lightning.callback_group import CallbackGroup
 
     CallbackGroup.get_instance().update_config(nemo_version="v2", trainer=trainer, data=datamodule)
-    write_run_files(cfg, vocab, run_dir)
+    write_run_files(cfg, vocab, run_dir, split)
     if datamodule.prior is not None and int(os.environ.get("RANK", "0")) == 0:
         datamodule.prior.save(run_dir / "prior.safetensors")
     resume.setup(trainer, module)

@@ -57,7 +57,10 @@ def find_checkpoint(run_dir: str | Path, which: str = "last") -> Path:
         last = [d for d in done if d.name.endswith("-last")] or done
         return max(last, key=step) / "weights"
     best = [d for d in done if not d.name.endswith("-last")]
-    if len(best) != 1:  # top-k files do not record which one is best, so only k = 1 is unambiguous
+    recorded = _recorded_best(ckpt_root)
+    if recorded is not None and recorded in {d.name for d in best}:
+        return ckpt_root / recorded / "weights"
+    if len(best) != 1:  # without checkpoints/best.json (older runs) only k = 1 is unambiguous
         raise ScaleError(
             f"{ckpt_root} holds {len(best)} top-k checkpoints, so 'best' is ambiguous"
             if best
@@ -65,6 +68,20 @@ def find_checkpoint(run_dir: str | Path, which: str = "last") -> Path:
             "export --which last, or train with checkpoint.save_top_k=1 and validation",
         )
     return best[0] / "weights"
+
+
+def _recorded_best(ckpt_root: Path) -> str | None:
+    """The best checkpoint's directory name from checkpoints/best.json (None when absent)."""
+    path = ckpt_root / "best.json"
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text()).get("best")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise ScaleError(
+            f"{path} is unreadable ({type(err).__name__})", "export --which last, or restore the file"
+        ) from err
+    return best if isinstance(best, str) else None
 
 
 def read_run_config(run_dir: str | Path) -> tuple[ScaleConfig, dict[str, object]]:

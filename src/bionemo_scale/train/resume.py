@@ -6,10 +6,17 @@ Kept free of NeMo/megatron imports so the command line can refuse a bad resume a
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 from pathlib import Path
+
+import numpy as np
 
 from bionemo_scale.config import ScaleConfig, flatten_config, load_yaml
 from bionemo_scale.errors import ScaleError
+
+#: The run's record of which (context, batch, perturbation) groups its split held out.
+SPLIT_RECORD = "split.json"
 
 # Settings a resumed run may change: how long it runs and how it is logged, validated and
 # checkpointed. Anything else (model, losses, optimiser, sampling, seeds, and the device layout,
@@ -48,7 +55,7 @@ def resume_conflicts(old: dict[str, object], new: dict[str, object], ignore: tup
 #: What a run (or Slurm, or another rank starting at the same moment) may already have put in its
 #: directory before config.yaml exists; anything else means the folder is not a run.
 RUN_ENTRIES = ("checkpoints", "config.yaml", "vocab.json", "prior.safetensors", "logs", "tb", "metrics",
-               "train_loss.csv", "val_loss.csv", "launch.sbatch", "slurm-*.out", "nemo_log_*", ".*")  # fmt: skip
+               "train_loss.csv", "val_loss.csv", SPLIT_RECORD, "launch.sbatch", "slurm-*.out", "nemo_log_*", ".*")  # fmt: skip
 
 
 def _written_by_a_run(name: str) -> bool:
@@ -81,4 +88,41 @@ def check_resume(cfg: ScaleConfig, run_dir: Path, before_vocabulary: bool = Fals
             + (f"; {len(conflicts) - 4} more" if len(conflicts) > 4 else "")
             + "), so resuming it would not continue the same run",
             "train into a new --output directory, or resume with the run's own config.yaml",
+        )
+
+
+def split_record(index, labels: np.ndarray, split: str) -> dict[str, object]:
+    """What the split assigned, by name (not by file): a hash of every group's label, and counts.
+
+    config.yaml stores only the split's path, so an edited split file would otherwise go unnoticed
+    on resume and the restored weights would continue on other training pairs.
+    """
+    groups = index.groups
+    lines = sorted(
+        f"{index.contexts[c]}\t{index.batches[b]}\t{index.perturbations[p]}\t{label}"
+        for c, b, p, label in zip(groups["context_id"], groups["batch_id"], groups["pert_id"], labels, strict=True)
+    )
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    perturbed = ~np.asarray(index.is_control)
+    counts = {k: int(((labels == k) & perturbed).sum()) for k in ("train", "val", "test")}
+    return {"split": str(split), "sha256": digest, "perturbed_groups": counts}
+
+
+def check_split_unchanged(run_dir: Path, record: dict[str, object]) -> None:
+    """Refuse to resume checkpoints that were trained on another assignment of held-out pairs."""
+    path, ckpts = run_dir / SPLIT_RECORD, run_dir / "checkpoints"
+    if not (path.is_file() and ckpts.is_dir() and any(ckpts.iterdir())):
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ScaleError(
+            f"{path} is unreadable ({type(err).__name__})", "restore it, or train into a new --output directory"
+        ) from err
+    if old.get("sha256") != record["sha256"]:
+        raise ScaleError(
+            f"the split {record['split']} now holds out other pairs than when {run_dir} started "
+            f"(train/val/test groups {old.get('perturbed_groups')} -> {record['perturbed_groups']}), "
+            "so resuming would not continue the same run",
+            "restore the split file, or train into a new --output directory",
         )
