@@ -24,13 +24,12 @@ def check_output_free(path: Path, overwrite: bool, kind: tuple[str, str] | None 
     a run, notes) is never deleted by a typo in the output path.
     """
     path = Path(path)
-    if path.is_symlink():  # replacing it would swap the link for a real file or folder, not write the target
-        target = os.readlink(path)
-        raise ScaleError(
-            f"output {path} is a symbolic link (to {target})",
-            "pass the link's target as the output, or remove the link",
-        )
     try:
+        if path.is_symlink():  # replacing it would swap the link for a real file or folder, not write the target
+            raise ScaleError(
+                f"output {path} is a symbolic link (to {os.readlink(path)})",
+                "pass the link's target as the output, or remove the link",
+            )
         exists = path.exists()
         ancestor = path.parent.absolute()
         while not ancestor.exists():  # the nearest existing folder is where the new ones will be made

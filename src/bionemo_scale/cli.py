@@ -635,20 +635,18 @@ def _restored_process_state() -> Iterator[None]:
     """Undo what main() changes process-wide (warning filters, library log levels, the SIGTERM
     handler), so calling it from a notebook or a test leaves the caller's process as it was."""
     global _LIBRARY_LEVEL
-    filters = list(warnings.filters)
     levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
     library_level = _LIBRARY_LEVEL
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        yield
+        with warnings.catch_warnings():  # restores the warning filters on exit
+            yield
     finally:
-        warnings.filters[:] = filters
-        warnings._filters_mutated()  # type: ignore[attr-defined]  # invalidate the per-module caches
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
         _LIBRARY_LEVEL = library_level
-        if sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
+        if signal.getsignal(signal.SIGTERM) is not sigterm and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)  # only set when main() changed it (main thread)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -674,13 +672,21 @@ def _run(args: argparse.Namespace) -> int:
     except (MemoryError, RuntimeError) as exc:  # torch's CPU/GPU allocation failures are RuntimeErrors
         if not _out_of_memory(exc):
             raise
-        err = ScaleError(
-            f"out of memory ({_first_line(exc)})",
-            "lower the set size (--set-size, data.sampler.set_size) or the sets per batch (data.micro_batch_size), "
-            "or use a machine with more memory",
-        )
+        err = ScaleError(f"out of memory ({_first_line(exc)})", OOM_FIXES.get(args.command, OOM_FIX_DEFAULT))
         print(f"bionemo-scale {args.command}: error: {err.one_line()}", file=sys.stderr)
         return 2
+
+
+OOM_FIX_DEFAULT = "use a machine with more memory, or split the input"
+OOM_FIXES = {
+    "train": "lower data.sampler.set_size or data.micro_batch_size, or use a machine with more memory",
+    "finetune": "lower data.sampler.set_size or data.micro_batch_size, or use a machine with more memory",
+    "baseline": "lower --set-size, or use a machine with more memory",
+    "sample": "lower --set-size or -n, or use a machine with more memory",
+    "predict": "predict fewer held-out pairs at once (a smaller --split subset), or use a machine with more memory",
+    "preprocess": "lower --chunk-rows, or use a machine with more memory",
+    "synth": "lower --cells or --genes, or use a machine with more memory",
+}
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -458,3 +458,14 @@ def test_main_leaves_the_calling_process_as_it_was(capsys) -> None:
     assert list(warnings.filters) == filters
     assert logging.getLogger("megatron").level == level
     assert signal.getsignal(signal.SIGTERM) == handler
+
+
+def test_main_runs_outside_the_main_thread(capsys) -> None:
+    """Signal handlers can only be set in the main thread: main() must not touch them needlessly."""
+    import threading
+
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(main(["-q", "recipe", "list"])))
+    worker.start()
+    worker.join()
+    assert result == [0]

@@ -192,6 +192,15 @@ def test_resuming_after_the_split_was_edited_is_refused(demo_data: Path, base_ru
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
+def test_lowering_save_top_k_on_resume_trims_the_old_checkpoints(demo_data: Path, tmp_path: Path) -> None:
+    """The restored top-k table is kept on resume, and cut down when save_top_k was lowered."""
+    run = tmp_path / "topk"
+    cli(*train_args(demo_data, run, 30, "checkpoint.save_top_k=3"))
+    _check_best_record(run, top_k=3)
+    cli(*train_args(demo_data, run, 40, "checkpoint.save_top_k=1"))
+    _check_best_record(run, top_k=1)
+
+
 def test_prior_cover_and_self_rate_reach_the_training_batches(demo_data: Path, base_run: Path, tmp_path: Path) -> None:
     """The two prior options change what the model is shown (same seed, same sets otherwise)."""
     out = tmp_path / "cover"

@@ -12,6 +12,11 @@ Three fixes to how the stock callback behaves with step-based checkpoints (`ever
    checkpoint is kept (minus entries whose files are gone).
 3. **Which one is best.** `checkpoints/best.json` names the best checkpoint and every top-k score,
    so `export --which best` can choose among `save_top_k > 1` checkpoints.
+
+The price of (1): a checkpoint due on a validation step exists only once that validation has
+finished, so a job killed *during* that validation resumes from the previous checkpoint. Scores
+stay stale where a checkpoint step is not a validation step (`every_n_train_steps` not a
+multiple of `val_check_interval`, or metrics computed every few validations); `train` warns then.
 """
 
 from __future__ import annotations
@@ -82,13 +87,27 @@ class ScaleModelCheckpoint(ModelCheckpoint):
 
     # -- 2. keep the restored top-k table on resume -------------------------------------------
     def nemo_topk_check_previous_run(self) -> None:
+        """Keep the table restored from the checkpoint; trim it when save_top_k was lowered."""
         self._remove_invalid_entries_from_topk()
+        if self.save_top_k < 0 or len(self.best_k_models) <= self.save_top_k:
+            return
+        ranked = sorted(self.best_k_models, key=lambda p: _score(self.best_k_models[p]), reverse=self.mode == "max")
+        for path in ranked[self.save_top_k :]:
+            self.best_k_models.pop(path)
+            self._del_model_without_trainer(path)  # rank 0 deletes; every rank meets its barrier
+        self._remove_invalid_entries_from_topk()  # recompute best and k-th
+        if self.best_k_models and self.dirpath and _is_global_zero():
+            write_best_record(Path(self.dirpath), self.monitor, self.mode, self.best_model_path, self.best_k_models)
 
     # -- 3. record which checkpoint is best ---------------------------------------------------
     def _update_best_and_save(self, current, trainer, monitor_candidates) -> None:  # type: ignore[override]
         super()._update_best_and_save(current, trainer, monitor_candidates)
         if trainer.is_global_zero and self.dirpath:
             write_best_record(Path(self.dirpath), self.monitor, self.mode, self.best_model_path, self.best_k_models)
+
+
+def _is_global_zero() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def write_best_record(ckpt_root: Path, monitor: str | None, mode: str, best_path: str, top_k: dict[str, Any]) -> Path:

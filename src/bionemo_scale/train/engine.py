@@ -282,6 +282,25 @@ def prepare_run(
     return cfg, vocab
 
 
+def warn_stale_checkpoint_scores(cfg: ScaleConfig) -> None:
+    """Best-by-metric needs a fresh score at every checkpoint step (see train/checkpointing.py)."""
+    ck, t = cfg.checkpoint, cfg.trainer
+    if ck.save_top_k == 0:
+        return
+    if ck.every_n_train_steps % t.val_check_interval:
+        logger.warning(
+            "checkpoint.every_n_train_steps=%d is not a multiple of trainer.val_check_interval=%d: "
+            "some checkpoints are ranked by an older validation's %s",
+            ck.every_n_train_steps, t.val_check_interval, ck.monitor,
+        )  # fmt: skip
+    elif ck.monitor.startswith("val/") and cfg.eval.every_n_validations > 1:
+        logger.warning(
+            "checkpoint.monitor=%s is computed every %d validations (eval.every_n_validations): "
+            "checkpoints in between are ranked by an older value",
+            ck.monitor, cfg.eval.every_n_validations,
+        )  # fmt: skip
+
+
 def write_run_files(
     cfg: ScaleConfig, vocab: dict[str, object], run_dir: Path, split: dict[str, object] | None = None
 ) -> None:
@@ -291,8 +310,10 @@ def write_run_files(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     (run_dir / "vocab.json").write_text(json.dumps(vocab))
-    if split is not None:
-        (run_dir / SPLIT_RECORD).write_text(json.dumps(split, indent=1) + "\n")
+    if split is not None:  # atomically: other ranks may be reading the previous one (check_split_unchanged)
+        tmp = run_dir / f".{SPLIT_RECORD}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(split, indent=1) + "\n")
+        os.replace(tmp, run_dir / SPLIT_RECORD)
 
 
 def train(
@@ -329,6 +350,8 @@ def train(
     if datamodule.val_groups.size == 0:
         logger.warning("the split has no validation pairs: validation and metric-based checkpointing are off")
         trainer.limit_val_batches = 0
+    else:
+        warn_stale_checkpoint_scores(cfg)
     nemo_logger.setup(trainer, resume_if_exists=True)
     # NeMo's telemetry callbacks must be configured before fit (as nemo.collections.llm's
     # _setup does), or the first checkpoint save raises OneLoggerError.
