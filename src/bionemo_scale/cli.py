@@ -209,6 +209,7 @@ def _check_prediction_output(args: argparse.Namespace) -> None:
             f"--output {args.output} is a folder", "give the PRED.h5ad file path (REAL.h5ad goes beside it)"
         )
     check_output_free(Path(args.output), args.overwrite)
+    check_output_free(Path(args.output).with_name("REAL.h5ad"), True)  # e.g. a symlink: refused before the work
 
 
 def _check_split(args: argparse.Namespace) -> None:
