@@ -10,7 +10,7 @@ BENCH_STAMP := $(BENCH_VENV)/.bench-installed
 PYTEST_ARGS ?=
 DEMO_OUT ?= demo_out
 
-.PHONY: venv demo test test-fast lint format bench bench-quality bench-throughput bench-data bench-venv constraints clean
+.PHONY: venv demo test test-fast lint format bench bench-quality bench-ensemble bench-throughput bench-data bench-venv constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ $(BENCH_STAMP): benchmarks/requirements-bench.txt benchmarks/constraints-bench.t
 bench-venv: $(BENCH_STAMP)
 
 # Heavy: each benchmark runs for up to ~30 minutes on 2 cores; outputs go to bench_out/.
-bench: bench-quality bench-throughput bench-data
+bench: bench-quality bench-ensemble bench-throughput bench-data
 
 # each command under 30 minutes here (case a's seeds split in two); quality.md combines what has run
 bench-quality: $(STAMP) $(BENCH_STAMP)
@@ -59,6 +59,14 @@ bench-quality: $(STAMP) $(BENCH_STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/quality.py --cases a --seeds 2
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/quality.py --cases b
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/quality.py --cases c
+
+# Seed ensembles of SCALE (9 runs per case, split into commands under 30 minutes each).
+bench-ensemble: $(STAMP) $(BENCH_STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/ensemble.py --case b --train-only 0 1 2 3 4
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/ensemble.py --case b
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/ensemble.py --case b --subset val
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/ensemble.py --case a --train-only 0 1 2 3 4
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/ensemble.py --case a
 
 bench-throughput: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/throughput.py --omp-wait-policy passive

@@ -240,7 +240,7 @@ def markdown(agg: pd.DataFrame, case: str, walls: dict[str, float], steps: int) 
     return "\n".join(lines)
 
 
-def plot(agg: pd.DataFrame, case: str, path: Path) -> None:
+def plot(agg: pd.DataFrame, case: str, path: Path, title: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,10 +251,15 @@ def plot(agg: pd.DataFrame, case: str, path: Path) -> None:
     for ax, metric in zip(axes, HEADLINE, strict=True):
         means = [agg.loc[(case, m), (metric, "mean")] for m in methods]
         stds = [np.nan_to_num(agg.loc[(case, m), (metric, "std")]) for m in methods]
-        ax.bar(range(len(methods)), means, yerr=stds, color=["#76b900" if m == "scale" else "#999" for m in methods])
+        ax.bar(
+            range(len(methods)),
+            means,
+            yerr=stds,
+            color=["#76b900" if m.startswith("scale") else "#999" for m in methods],
+        )
         ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
         ax.set_title(metric, fontsize=9)
-    fig.suptitle(f"case {case}: mean ± sd over seeds (test pairs)")
+    fig.suptitle(title or f"case {case}: mean ± sd over seeds (test pairs)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
