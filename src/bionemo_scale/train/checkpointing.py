@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from nemo.lightning.ckpt_utils import ckpt_to_dir
 from nemo.lightning.pytorch.callbacks import ModelCheckpoint
+
+from bionemo_scale.atomic import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,6 @@ def write_best_record(ckpt_root: Path, monitor: str | None, mode: str, best_path
     }
     record["score"] = record["top_k"].get(record["best"])
     path = ckpt_root / BEST_RECORD
-    tmp = path.with_name(f".{BEST_RECORD}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
     return path

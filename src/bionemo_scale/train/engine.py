@@ -25,6 +25,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from bionemo_scale.atomic import atomic_file
 from bionemo_scale.config import ScaleConfig, dump_yaml
 from bionemo_scale.errors import ScaleError
 from bionemo_scale.parallel import optimizer_device_flags, patch_nemo_for_cpu
@@ -311,9 +312,8 @@ def write_run_files(
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     (run_dir / "vocab.json").write_text(json.dumps(vocab))
     if split is not None:  # atomically: other ranks may be reading the previous one (check_split_unchanged)
-        tmp = run_dir / f".{SPLIT_RECORD}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(split, indent=1) + "\n")
-        os.replace(tmp, run_dir / SPLIT_RECORD)
+        with atomic_file(run_dir / SPLIT_RECORD) as tmp:
+            tmp.write_text(json.dumps(split, indent=1) + "\n")
 
 
 def train(
