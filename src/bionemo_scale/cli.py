@@ -122,6 +122,11 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     from bionemo_scale.eval.baselines import make_baseline
     from bionemo_scale.predict import build_anndata, held_out_groups, plan_predictions, run_predictor, write_predictions
 
+    if args.prior_rank is not None and args.method != "additive":
+        raise ScaleError(
+            f"--prior-rank applies to the additive baseline only, not to --method {args.method}",
+            "drop --prior-rank, or use --method additive",
+        )
     _check_prediction_output(args)
     data = ProcessedDataset(args.data)
     groups = held_out_groups(data, args.split, args.subset)
@@ -266,10 +271,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _check_split_unchanged(cfg, Path(args.output))
     from bionemo_scale.train.engine import train
 
-    quiet_libraries()
-
+    _quiet_training_stack()
     with _no_half_run(Path(args.output)):
-        run = train(cfg, args.output)
+        run = train(cfg, args.output, progress=not args.quiet)
     print(f"run written to {run} (checkpoints in {Path(run) / 'checkpoints'})")
     return 0
 
@@ -286,10 +290,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     gene_map = read_gene_map(args.gene_map) if args.gene_map else None
     from bionemo_scale.train.engine import train
 
-    quiet_libraries()
-
+    _quiet_training_stack()
     with _no_half_run(Path(args.output)):
-        run = train(cfg, args.output, gene_map=gene_map)
+        run = train(cfg, args.output, gene_map=gene_map, progress=not args.quiet)
     print(f"fine-tuned run written to {run}")
     return 0
 
@@ -314,7 +317,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     data = ProcessedDataset(args.data)
     groups = held_out_groups(data, args.split, args.subset)
     source = resolve(args.checkpoint)
-    model, cfg, vocab = load_model(source)
+    model, cfg, vocab = load_model(source, args.which)
     if args.gene_map:  # the same renaming the model was fine-tuned with
         from bionemo_scale.train.finetune import read_gene_map
 
@@ -491,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict held-out pairs to AnnData (PRED.h5ad + REAL.h5ad)")
     p.add_argument("--checkpoint", required=True, help="run directory, release directory, or registry tag")
+    p.add_argument(
+        "--which",
+        choices=["last", "best"],
+        default="last",
+        help="a run's checkpoint: the last, or the best by the run's checkpoint.monitor (checkpoints/best.json)",
+    )
     p.add_argument("--data", required=True)
     p.add_argument("--split", required=True)
     p.add_argument("--subset", default="test", choices=["val", "test"])
@@ -612,6 +621,14 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
 
 
 _LIBRARY_LEVEL: int | None = None  # None: -v, leave the libraries alone
+
+
+def _quiet_training_stack() -> None:
+    """Load NeMo's logger, then apply the library levels: NeMo sets its own logger to INFO when it
+    is first defined, which would otherwise undo -q (megatron_init's group listing and the like)."""
+    import nemo.lightning  # noqa: F401 - defines nemo_logger
+
+    quiet_libraries()
 
 
 def quiet_libraries() -> None:

@@ -34,6 +34,9 @@ from bionemo_scale.errors import ScaleError
 logger = logging.getLogger(__name__)
 
 PERT_COL, CONTEXT_COL, BATCH_COL = "perturbation", "context", "batch"
+# A drug screen holds one perturbation at several doses: `condition` ("drug@0.5") tells them apart,
+# so `evaluate --pert-col condition` scores each dose on its own (`perturbation` pools them).
+DOSE_COL, CONDITION_COL = "dose", "condition"
 Predictor = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -148,11 +151,15 @@ def _obs(data: ProcessedDataset, rows: np.ndarray, pert_labels: list[str] | None
     group_of_row = np.searchsorted(idx.groups["end"].to_numpy(), rows, side="right")
     g = idx.groups.iloc[group_of_row]
     perts = pert_labels or [idx.perturbations[p] for p in g["pert_id"]]
+    doses = g["dose"].to_numpy(np.float64)
+    conditions = [p if p == idx.control_label else f"{p}@{d:g}" for p, d in zip(perts, doses, strict=True)]
     return pd.DataFrame(
         {
             PERT_COL: pd.Categorical(perts),
             CONTEXT_COL: pd.Categorical([idx.contexts[c] for c in g["context_id"]]),
             BATCH_COL: pd.Categorical([idx.batches[b] for b in g["batch_id"]]),
+            DOSE_COL: doses,
+            CONDITION_COL: pd.Categorical(conditions),
         }
     )
 

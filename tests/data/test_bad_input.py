@@ -161,6 +161,13 @@ def test_a_set_size_beyond_memory_is_one_line(tmp_path: Path, capsys) -> None:
     _assert_clean_failure(rc, err, out, "out of memory", "--set-size")
 
 
+def test_prior_rank_on_a_baseline_that_has_no_prior(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "PRED.h5ad"
+    rc, err = _run(["baseline", "--method", "context-mean", "--data", str(tmp_path / "nowhere"), "--split",
+                    str(tmp_path / "s.toml"), "--output", str(out), "--prior-rank", "3"], capsys)  # fmt: skip
+    _assert_clean_failure(rc, err, out, "--prior-rank applies to the additive baseline only", "--method additive")
+
+
 @pytest.mark.parametrize("target", ["missing", "folder", "file"])
 def test_a_symlink_as_output_is_refused(tmp_path: Path, capsys, target: str) -> None:
     """Writing "onto" a link would replace the link itself (a broken one crashed the rename)."""

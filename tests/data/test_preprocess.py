@@ -147,3 +147,66 @@ def test_split_col_is_part_of_the_group_key(tmp_path: Path) -> None:
     for gid in np.flatnonzero(labels == "val"):
         assert set(data.obs["split"].iloc[data.group_rows(gid)]) == {"val"}
     assert (labels == "val").sum() > 0 and (labels == "train").sum() > 0
+
+
+def test_combinations_written_in_another_order_are_one_perturbation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 'KO2+KO1' in one batch and 'KO1+KO2' in another are the same combination: left as two labels,
+    # holding out 'KO1+KO2' would leave 'KO2+KO1' in training.
+    from bionemo_scale.data.preprocess import reordered_combinations
+    from tests.data.conftest import make_counts_adata
+
+    a = make_counts_adata()
+    flip = ((a.obs["gene"] == "KO1+KO2") & (a.obs["plate"] == "b2")).to_numpy()
+    a.obs["gene"] = a.obs["gene"].astype(str).where(~flip, "KO2+KO1")
+    a.write_h5ad(tmp_path / "flip.h5ad")
+    with caplog.at_level("WARNING"):
+        preprocess(tmp_path / "flip.h5ad", tmp_path / "out", PreprocessConfig(**CFG), progress=False)
+    assert "merged 1 combination label(s)" in caplog.text and "'KO2+KO1' -> 'KO1+KO2'" in caplog.text
+    data = ProcessedDataset(tmp_path / "out")
+    assert data.index.perturbations == ["ctrl", "KO1", "KO1+KO2", "KO2"]
+    combo = data.index.perturbations.index("KO1+KO2")
+    assert int((data.index.groups["pert_id"] == combo).sum()) == 4  # 2 contexts x 2 batches
+    # parts are a multiset: a double dose of one part is not that part alone
+    assert reordered_combinations({"ctrl", "A", "A+A", "B+A", "A+B"}, "ctrl", "+") == {"B+A": "A+B"}
+
+
+def test_predictions_keep_each_dose_apart(tmp_path: Path) -> None:
+    # A drug at two doses is two conditions: PRED/REAL.h5ad carry `dose` and `condition`
+    # ("KO1@0.5"), so `evaluate --pert-col condition` does not pool the doses.
+    import anndata as ad
+
+    from bionemo_scale.cli import main
+    from tests.data.conftest import make_counts_adata
+
+    a = make_counts_adata()
+    half = ((a.obs["gene"] == "KO1") & (a.obs["plate"] == "b2")).to_numpy()
+    a.obs["dose"] = a.obs["dose"].astype(str).where(~half, "0.5")
+    a.write_h5ad(tmp_path / "doses.h5ad")
+    split = tmp_path / "split.toml"
+    split.write_text('[fewshot."ctxA"]\nval = []\ntest = ["KO1"]\n')
+    out = tmp_path / "out"
+    preprocess(tmp_path / "doses.h5ad", out, PreprocessConfig(**CFG), progress=False)
+    pred_path = tmp_path / "pred" / "PRED.h5ad"
+    rc = main(
+        [
+            "-q",
+            "baseline",
+            "--method",
+            "additive",
+            "--data",
+            str(out),
+            "--split",
+            str(split),
+            "--output",
+            str(pred_path),
+        ]
+    )
+    assert rc == 0
+    for path in (pred_path, pred_path.with_name("REAL.h5ad")):
+        obs = ad.read_h5ad(path).obs
+        held = obs[obs["perturbation"] == "KO1"]
+        assert set(held["condition"]) == {"KO1@0.5", "KO1@1"}
+        assert sorted(set(held["dose"])) == [0.5, 1.0]
+        assert set(obs.loc[obs["perturbation"] == "ctrl", "condition"]) == {"ctrl"}

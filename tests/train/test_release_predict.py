@@ -236,3 +236,25 @@ def test_parallel_fine_tuning_matches_one_process(
     assert [s for s, _ in got] == [s for s, _ in finetune_reference] == list(range(1, 9))
     for (_, a), (_, b) in zip(finetune_reference, got, strict=True):
         assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_predict_from_the_best_checkpoint(base_run: Path, prediction: Path, demo_data: Path, tmp_path: Path) -> None:
+    # `predict --which best` reads checkpoints/best.json: the same weights `export --which best` releases
+    best_release = tmp_path / "best_release"
+    cli("export", str(base_run), str(best_release), "--which", "best")
+    common = ["--data", str(demo_data), "--split", str(SPLIT)]
+    from_run, from_release = tmp_path / "run" / "PRED.h5ad", tmp_path / "rel" / "PRED.h5ad"
+    cli("predict", "--checkpoint", str(base_run), "--which", "best", *common, "--output", str(from_run))
+    cli("predict", "--checkpoint", str(best_release), *common, "--output", str(from_release))
+    best = ad.read_h5ad(from_run)
+    assert (best.X != ad.read_h5ad(from_release).X).nnz == 0
+    record = json.loads((base_run / "checkpoints" / "best.json").read_text())
+    last = ad.read_h5ad(prediction)  # the release of the last checkpoint
+    if "step=29" not in record["best"]:  # base_run's last checkpoint
+        assert (best.X != last.X).nnz > 0
+    # a release holds one set of weights: asking it for its best is a one-line error
+    proc = cli("predict", "--checkpoint", str(best_release), "--which", "best", *common,
+               "--output", str(tmp_path / "x" / "PRED.h5ad"), check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert "is a release, which holds one set of weights" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

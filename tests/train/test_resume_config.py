@@ -48,6 +48,19 @@ def test_check_resume_reads_the_run_directory(tmp_path: Path) -> None:
         check_resume(_cfg(optim__lr=0.5), run)
 
 
+def test_the_split_is_compared_by_content_once_recorded(tmp_path: Path) -> None:
+    # the same split named by another path (another working directory, or `launch` making it
+    # absolute) resumes; what it holds out is checked by check_split_unchanged instead
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step=9-last").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_yaml(_cfg(data__split="splits/s.toml")))
+    moved = _cfg(data__split=str(tmp_path / "splits" / "s.toml"))
+    with pytest.raises(ScaleError, match=r"data\.split: splits/s.toml -> "):
+        check_resume(moved, run)  # a run from before split.json: only the path can be compared
+    (run / "split.json").write_text('{"sha256": "x"}')
+    check_resume(moved, run)
+
+
 def test_the_early_check_skips_the_vocabulary_sizes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     (run / "checkpoints" / "step=9-last").mkdir(parents=True)

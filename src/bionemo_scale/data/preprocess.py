@@ -65,6 +65,21 @@ def _check_genes(genes: np.ndarray) -> None:
         )
 
 
+def reordered_combinations(labels: set[str], control: str, sep: str) -> dict[str, str]:
+    """{label: canonical label} for combinations written with their parts in another order.
+
+    'B+A' and 'A+B' are one perturbation; left as two labels, holding out 'A+B' would leave
+    'B+A' in training, and the prior would not find the other ordering in other contexts. Each
+    is mapped to the first of its spellings in sorted order. Parts are compared as a multiset,
+    so 'A+A' stays apart from 'A'.
+    """
+    spellings: dict[tuple[str, ...], list[str]] = {}
+    for label in sorted(labels - {control}):
+        parts = tuple(sorted(p.strip() for p in label.split(sep) if p.strip()))
+        spellings.setdefault(parts, []).append(label)
+    return {other: same[0] for same in spellings.values() if len(same) > 1 for other in same[1:]}
+
+
 def _encode(labels: np.ndarray, vocab: list[str]) -> np.ndarray:
     lookup = {v: i for i, v in enumerate(vocab)}
     uniq, inverse = np.unique(labels, return_inverse=True)
@@ -99,6 +114,14 @@ class _Plan:
                 f"drop those cells or choose a different --context-col than '{cfg.context_col}'",
             )
         self.batches = sorted(set(batch))
+        merged = reordered_combinations(set(pert), cfg.control, cfg.combo_sep)
+        if merged:
+            logger.warning(
+                "merged %d combination label(s) that differ only in the order of their parts, e.g. %s",
+                len(merged),
+                ", ".join(f"'{a}' -> '{b}'" for a, b in list(merged.items())[:3]),
+            )
+            pert = np.array([merged.get(x, x) for x in pert], dtype=object)
         self.perturbations = [cfg.control, *sorted(set(pert) - {cfg.control})]
         self.context_codes = _encode(context, self.contexts)
         self.batch_codes = _encode(batch, self.batches)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bionemo_scale.data.index import split_combination
-from bionemo_scale.data.prior_rank import low_rank_basis, project, resolve_rank
+from bionemo_scale.data.prior_rank import leave_one_out_basis, project, resolve_rank, spectrum_size, top_spectrum
 from bionemo_scale.errors import ScaleError
 
 PRIOR_CHUNK_ROWS = 4096  # rows per read while summing groups: bounds AdditivePrior.from_data's memory
@@ -33,12 +33,16 @@ class AdditivePrior:
     """Training-pair deltas by (context label, perturbation label).
 
     With a `basis` ([k, G], orthonormal rows) every prior vector is projected onto its span: the
-    low-rank denoising of `bionemo_scale.data.prior_rank` (`model.prior_rank`).
+    low-rank denoising of `bionemo_scale.data.prior_rank` (`model.prior_rank`). A training pair's
+    prior is projected onto the basis rebuilt without its own delta, from `spectrum` (the deltas'
+    top (values, directions)), as a held-out pair's basis never holds its own delta; a prior
+    without a spectrum (saved before it existed) projects every pair onto `basis`.
     """
 
     deltas: dict[tuple[str, str], np.ndarray]
     combo_sep: str = "+"
     basis: np.ndarray | None = None
+    spectrum: tuple[np.ndarray, np.ndarray] | None = None
     # lookups by perturbation and by single part, built on first use: a scan of every delta per
     # query would make building the priors of all groups quadratic in the number of pairs
     _by_pert: dict[str, list[tuple[str, np.ndarray]]] | None = field(default=None, init=False, repr=False)
@@ -84,7 +88,15 @@ class AdditivePrior:
         (off by default: it did not raise validation PDCorr on Norman, benchmarks/RESULTS_LOG.md).
         """
         shift, covered = self._raw_composition(context, pert)
-        return (shift if self.basis is None else project(shift, self.basis)), covered
+        basis = self.basis_for(context, pert)
+        return (shift if basis is None else project(shift, basis)), covered
+
+    def basis_for(self, context: str, pert: str) -> np.ndarray | None:
+        """The basis a pair's prior is projected on: without the pair's own delta when it is a training pair."""
+        own = self.deltas.get((context, pert))
+        if self.basis is None or own is None or self.spectrum is None:
+            return self.basis
+        return leave_one_out_basis(*self.spectrum, own, self.basis.shape[0])
 
     def _raw_composition(self, context: str, pert: str) -> tuple[np.ndarray, tuple[str, ...]]:
         """`composition` before the low-rank projection (what the rank CV scores projections of)."""
@@ -124,7 +136,8 @@ class AdditivePrior:
         chosen = resolve_rank(rank, matrix, lambda: np.stack([self._raw_composition(*k)[0] for k in keys]))
         if chosen is None:
             return self
-        return AdditivePrior(self.deltas, self.combo_sep, basis=low_rank_basis(matrix, chosen))
+        values, vectors = top_spectrum(matrix, spectrum_size(chosen))
+        return AdditivePrior(self.deltas, self.combo_sep, basis=vectors[:chosen], spectrum=(values, vectors))
 
     @property
     def rank(self) -> int | None:
@@ -171,6 +184,9 @@ class AdditivePrior:
         tensors = {"delta": matrix}
         if self.basis is not None:
             tensors["basis"] = torch.from_numpy(self.basis.astype(np.float32))
+        if self.spectrum is not None:
+            tensors["spectrum_values"] = torch.from_numpy(self.spectrum[0].astype(np.float64))
+            tensors["spectrum_vectors"] = torch.from_numpy(self.spectrum[1].astype(np.float64))
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -188,6 +204,11 @@ class AdditivePrior:
             tensors = load_file(str(path))
             matrix = tensors["delta"].numpy().astype(np.float64)
             basis = tensors["basis"].numpy().astype(np.float64) if "basis" in tensors else None
+            spectrum = (
+                (tensors["spectrum_values"].numpy(), tensors["spectrum_vectors"].numpy())
+                if "spectrum_values" in tensors
+                else None
+            )
             pairs = [tuple(p) for p in json.loads(meta["pairs"])]
         except Exception as exc:  # truncated file, foreign safetensors, or missing keys
             raise ScaleError(
@@ -195,7 +216,10 @@ class AdditivePrior:
                 "restore prior.safetensors from the run or release it came with",
             ) from None
         return cls(
-            deltas={p: matrix[i] for i, p in enumerate(pairs)}, combo_sep=meta.get("combo_sep", "+"), basis=basis
+            deltas={p: matrix[i] for i, p in enumerate(pairs)},
+            combo_sep=meta.get("combo_sep", "+"),
+            basis=basis,
+            spectrum=spectrum,
         )
 
 

@@ -10,6 +10,11 @@ k is a model choice, not a free parameter tuned on test pairs: `choose_rank` pic
 cross-validation over the *training* pairs (each fold's basis is built without that fold's
 deltas, and each pair is scored by the Pearson correlation of its projected leave-context-out
 prior with its own delta, which is what PDCorr measures on held-out pairs).
+
+A training pair's prior is projected onto a basis built *without its own delta*
+(`leave_one_out_basis`): a held-out pair's own delta is never in the basis, so a basis that
+contained the training pair's would make training priors look better than held-out ones, and
+the model would learn to trust its prior more than it should.
 """
 
 from __future__ import annotations
@@ -24,20 +29,42 @@ logger = logging.getLogger(__name__)
 RANK_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 CV_FOLDS = 5
 CV_SEED = 0
+# Directions kept beyond the rank for the leave-one-out bases: with 2k + 64 the downdate is exact
+# whenever the training deltas have at most that many non-zero singular values (every bundled
+# case), and beyond it ignores only the pair's component along weak directions.
+SPECTRUM_MARGIN = 64
+ZERO_EIGENVALUE = 1e-10  # relative to the largest: directions below it are numerically absent
 
 
-def low_rank_basis(deltas: np.ndarray, rank: int) -> np.ndarray:
-    """[k, G] orthonormal rows: the top-`rank` right singular vectors of `deltas` [pairs, G].
+def spectrum_size(rank: int) -> int:
+    """How many directions to keep for leave-one-out bases of rank `rank`."""
+    return 2 * rank + SPECTRUM_MARGIN
 
+
+def top_spectrum(deltas: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values [m], vectors [m, G]): the top-`count` eigenpairs of DᵀD for `deltas` D [pairs, G].
+
+    The vectors are D's top right singular vectors and the values its squared singular values.
     Not centred: the mean response direction (e.g. a shared stress program) is signal too.
+    Directions with a (numerically) zero value are dropped, so m ≤ rank of D.
     """
     if deltas.ndim != 2 or deltas.shape[0] == 0:
         raise ValueError(f"deltas must be a non-empty [pairs, genes] matrix, got shape {deltas.shape}")
     deltas = np.asarray(deltas, dtype=np.float64)
     if deltas.shape[0] > deltas.shape[1]:  # more pairs than genes (Tahoe scale): the G x G Gram is cheaper
-        return top_directions(deltas.T @ deltas, rank)
-    _, _, vt = np.linalg.svd(deltas, full_matrices=False)
-    return vt[: min(rank, vt.shape[0])]
+        values, vectors = np.linalg.eigh(deltas.T @ deltas)
+        order = np.argsort(values)[::-1]
+        values, vectors = values[order], vectors[:, order].T
+    else:
+        _, s, vectors = np.linalg.svd(deltas, full_matrices=False)
+        values = s**2
+    keep = values > ZERO_EIGENVALUE * max(float(values[0]), 1e-300)
+    return values[keep][:count], vectors[keep][:count]
+
+
+def low_rank_basis(deltas: np.ndarray, rank: int) -> np.ndarray:
+    """[k, G] orthonormal rows: the top-`rank` right singular vectors of `deltas` [pairs, G]."""
+    return top_spectrum(deltas, rank)[1]
 
 
 def top_directions(gram: np.ndarray, rank: int) -> np.ndarray:
@@ -48,8 +75,24 @@ def top_directions(gram: np.ndarray, rank: int) -> np.ndarray:
     """
     values, vectors = np.linalg.eigh(gram)
     order = np.argsort(values)[::-1]
-    order = order[values[order] > 1e-10 * max(float(values[order[0]]), 1e-300)][:rank]
+    order = order[values[order] > ZERO_EIGENVALUE * max(float(values[order[0]]), 1e-300)][:rank]
     return vectors[:, order].T
+
+
+def leave_one_out_basis(values: np.ndarray, vectors: np.ndarray, delta: np.ndarray, rank: int) -> np.ndarray:
+    """[k, G]: the top-`rank` basis of the deltas *without* `delta`, from their spectrum.
+
+    Removing a row d from D changes the Gram matrix to DᵀD − ddᵀ. In the coordinates of the kept
+    directions that is diag(values) − ssᵀ with s = vectors·d, an m x m problem however many pairs
+    and genes there are. Exact when `vectors` span every non-zero direction of D (d lies in that
+    span); otherwise the part of d outside it, along directions weaker than the kept ones, is
+    ignored.
+    """
+    coords = vectors @ delta
+    down_values, rotation = np.linalg.eigh(np.diag(values) - np.outer(coords, coords))
+    order = np.argsort(down_values)[::-1]
+    order = order[down_values[order] > ZERO_EIGENVALUE * max(float(down_values[order[0]]), 1e-300)][:rank]
+    return rotation[:, order].T @ vectors
 
 
 def project(vector: np.ndarray, basis: np.ndarray) -> np.ndarray:

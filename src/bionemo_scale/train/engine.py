@@ -158,7 +158,9 @@ def build_optimizer(cfg: ScaleConfig):
     return MegatronOptimizerModule(config=config, lr_scheduler=scheduler)
 
 
-def build_trainer(cfg: ScaleConfig, run_dir: Path, extra_callbacks: list[pl.Callback] | None = None):
+def build_trainer(
+    cfg: ScaleConfig, run_dir: Path, extra_callbacks: list[pl.Callback] | None = None, progress: bool = True
+):
     """(trainer, nemo_logger, auto_resume) for this config."""
     from lightning.pytorch.loggers import TensorBoardLogger
     from nemo import lightning as nl
@@ -213,7 +215,7 @@ def build_trainer(cfg: ScaleConfig, run_dir: Path, extra_callbacks: list[pl.Call
         log_every_n_steps=t.log_every_n_steps,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
-        enable_progress_bar=True,
+        enable_progress_bar=progress,
         callbacks=callbacks,
         deterministic=False,
     )
@@ -321,6 +323,7 @@ def train(
     run_dir: str | Path,
     extra_callbacks: list[pl.Callback] | None = None,
     gene_map: dict[str, str] | None = None,
+    progress: bool = True,
 ) -> Path:
     """Train, fine-tune (cfg.init_from) or resume into `run_dir`; returns the run directory."""
     from nemo.lightning.pytorch.callbacks import ModelCheckpoint  # noqa: F401 - fail early if NeMo is broken
@@ -346,7 +349,7 @@ def train(
     datamodule = ScaleDataModule(cfg, seq_length=module.seq_length, run_vocab=vocab, gene_map=gene_map)
     split = split_record(datamodule.data.index, datamodule.labels, str(cfg.data.split))
     check_split_unchanged(run_dir, split)
-    trainer, nemo_logger, resume = build_trainer(cfg, run_dir, callbacks)
+    trainer, nemo_logger, resume = build_trainer(cfg, run_dir, callbacks, progress=progress)
     if datamodule.val_groups.size == 0:
         logger.warning("the split has no validation pairs: validation and metric-based checkpointing are off")
         trainer.limit_val_batches = 0

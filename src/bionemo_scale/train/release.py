@@ -222,12 +222,17 @@ def load_release_model(path: str | Path):
     return model, cfg, vocab
 
 
-def load_model(source: str | Path):
-    """A run directory or a release directory, whichever `source` is."""
+def load_model(source: str | Path, which: str = "last"):
+    """A run directory (its `which` checkpoint: "last" or "best") or a release directory."""
     source = Path(source)
     if (source / "model.safetensors").exists():
+        if which != "last":
+            raise ScaleError(
+                f"{source} is a release, which holds one set of weights: --which {which} applies to run directories",
+                "drop --which, or predict from the run directory",
+            )
         return load_release_model(source)
-    return load_run_model(source)
+    return load_run_model(source, which)
 
 
 def load_prior(source: str | Path, cfg: ScaleConfig):

@@ -81,6 +81,10 @@ def check_resume(cfg: ScaleConfig, run_dir: Path, before_vocabulary: bool = Fals
     if not (config.exists() and ckpts.is_dir() and any(ckpts.iterdir())):
         return
     ignore = VOCAB_KEYS if before_vocabulary else ()
+    if (run_dir / SPLIT_RECORD).is_file():
+        # The split is compared by what it holds out (`check_split_unchanged`), not by its path: the
+        # same file named from another directory (or made absolute by `launch`) continues the run.
+        ignore = (*ignore, "data.split")
     conflicts = resume_conflicts(load_yaml(config), cfg.model_dump(mode="json"), ignore)
     if conflicts:
         raise ScaleError(
