@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -693,6 +694,35 @@ def _run(args: argparse.Namespace) -> int:
         err = ScaleError(f"out of memory ({_first_line(exc)})", OOM_FIXES.get(args.command, OOM_FIX_DEFAULT))
         print(f"bionemo-scale {args.command}: error: {err.one_line()}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a quota, a read-only or forbidden place: the machine's, not a bug
+        fix = _storage_fix(exc)
+        if fix is None:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        err = ScaleError(f"{exc.strerror or _first_line(exc)}{where}", fix)
+        print(f"bionemo-scale {args.command}: error: {err.one_line()}", file=sys.stderr)
+        return 2
+
+
+STORAGE_FIXES = {
+    errno.ENOSPC: "free disk space, or write to another file system",
+    errno.EFBIG: "raise the file-size limit (ulimit -f), or write to another file system",
+    errno.EDQUOT: "free space within your quota, or write to another file system",
+    errno.EROFS: "write to a writable location",
+    errno.EACCES: "check the permissions of that path, or use another location",
+    errno.EPERM: "check the permissions of that path, or use another location",
+}
+# h5py reports a failed write as an OSError without errno, the C library's text inside its message
+STORAGE_MESSAGES = {"no space left on device": errno.ENOSPC, "file too large": errno.EFBIG,
+                    "disk quota exceeded": errno.EDQUOT, "read-only file system": errno.EROFS}  # fmt: skip
+
+
+def _storage_fix(exc: OSError) -> str | None:
+    """The fix for an OSError that comes from where files go (None for any other OSError)."""
+    if exc.errno in STORAGE_FIXES:
+        return STORAGE_FIXES[exc.errno]
+    text = str(exc).lower()
+    return next((STORAGE_FIXES[code] for needle, code in STORAGE_MESSAGES.items() if needle in text), None)
 
 
 OOM_FIX_DEFAULT = "use a machine with more memory, or split the input"

@@ -176,6 +176,12 @@ class ScaleModelConfig(StrictModel):
         description="project the additive prior onto the top-k directions of the training deltas "
         "(low-rank denoising); 'auto' picks k by 5-fold CV on training pairs; None: the raw prior",
     )
+    prior_basis_leave_one_out: bool = Field(
+        False,
+        description="with prior_rank: project each training pair's prior onto a basis built without its "
+        "own delta, as a held-out pair's is (off: the training basis; matched training gave lower "
+        "validation scores, benchmarks/RESULTS_LOG.md)",
+    )
     prior_self_rate: float = Field(
         0.0,
         ge=0,

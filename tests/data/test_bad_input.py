@@ -92,6 +92,38 @@ def test_bad_values(tmp_path: Path, capsys, value: float, word: str) -> None:
     _assert_clean_failure(rc, err, out, word, "cell row 7")
 
 
+def test_counts_with_a_stray_fraction_are_not_taken_for_log1p(tmp_path: Path, capsys) -> None:
+    # one 1.5 among raw counts used to make the whole matrix "log1p": normalisation silently skipped
+    out = tmp_path / "out"
+    rc, err = _run(["preprocess", str(_h5ad(tmp_path, _set_value(1.5))), str(out), *PP_ARGS], capsys)
+    _assert_clean_failure(rc, err, out, "integer counts with a few non-integer values", "row 7")
+
+
+def test_log1p_with_linear_rows_later_is_refused(tmp_path: Path, capsys) -> None:
+    # detection reads the first chunk; every later chunk of a log1p input is range-checked too
+    def mixed(a):
+        X = a.X.toarray()
+        L = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
+        L[-5:] = X[-5:] * 10 + 0.5  # linear values in the last rows, above any log1p range
+        a.X = sp.csr_matrix(L.astype(np.float32))
+
+    out = tmp_path / "out"
+    rc, err = _run(["preprocess", str(_h5ad(tmp_path, mixed)), str(out), *PP_ARGS, "--chunk-rows", "10"], capsys)
+    _assert_clean_failure(rc, err, out, "hold values up to", "log1p(normalize_total) values in every row")
+
+
+@pytest.mark.parametrize("column", ["gene", "cell_line", "plate"])
+def test_an_empty_label_is_refused_like_a_missing_one(tmp_path: Path, capsys, column: str) -> None:
+    def blank(a):
+        labels = a.obs[column].astype(str)
+        labels.iloc[3] = " "
+        a.obs[column] = labels
+
+    out = tmp_path / "out"
+    rc, err = _run(["preprocess", str(_h5ad(tmp_path, blank)), str(out), *PP_ARGS], capsys)
+    _assert_clean_failure(rc, err, out, "1 cells have an empty", f"obs['{column}']")
+
+
 def test_empty_file(tmp_path: Path, capsys) -> None:
     src = tmp_path / "empty.h5ad"
     src.write_bytes(b"")
@@ -198,6 +230,31 @@ def test_failure_midway_leaves_no_partial_output(tmp_path: Path, capsys) -> None
     out = tmp_path / "out"
     rc, err = _run(["preprocess", str(_h5ad(tmp_path, late_nan)), str(out), *PP_ARGS, "--chunk-rows", "10"], capsys)
     _assert_clean_failure(rc, err, out, "NaN")
+
+
+@pytest.mark.parametrize("command", ["preprocess", "evaluate"])
+def test_a_write_that_runs_out_of_room_is_one_line(tmp_path: Path, capsys, command: str) -> None:
+    # a full disk or a file-size limit (here `ulimit -f 8`) used to end in an OSError traceback
+    import resource
+
+    src, data = _h5ad(tmp_path), tmp_path / "data"
+    args = ["preprocess", str(src), str(tmp_path / "out"), *PP_ARGS]
+    if command == "evaluate":
+        assert _run(["preprocess", str(src), str(data), *PP_ARGS], capsys)[0] == 0
+        pred = tmp_path / "pred" / "PRED.h5ad"
+        split = tmp_path / "split.toml"
+        split.write_text('[fewshot.ctxA]\nval = []\ntest = ["KO2"]\n')
+        assert _run(["baseline", "--method", "additive", "--data", str(data), "--split", str(split),
+                     "--output", str(pred)], capsys)[0] == 0  # fmt: skip
+        args = ["evaluate", "--pred", str(pred), "--real", str(pred.with_name("REAL.h5ad")), "--pert-col",
+                "perturbation", "--control", "ctrl", "--output", str(tmp_path / "out")]  # fmt: skip
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))  # noqa: E731
+    proc = subprocess.run([sys.executable, "-m", "bionemo_scale.cli", "-q", *args], capture_output=True, text=True,
+                          check=False, preexec_fn=limit, timeout=300)  # fmt: skip
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "File too large" in lines[0] and "ulimit -f" in lines[0]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_console_script_exit_code(tmp_path: Path) -> None:
@@ -476,3 +533,28 @@ def test_main_runs_outside_the_main_thread(capsys) -> None:
     worker.start()
     worker.join()
     assert result == [0]
+
+
+def test_a_gene_map_onto_a_gene_the_data_keeps_is_refused(tmp_path: Path, capsys) -> None:
+    # X -> g0 while the data has its own g0: one of the two columns would silently feed the model's g0
+    from bionemo_scale.data.store import ProcessedDataset
+    from bionemo_scale.errors import ScaleError
+
+    def extra_gene(a):
+        b = make_counts_adata(n_genes=41)
+        b.var_names = [*a.var_names, "X"]
+        return b
+
+    data = tmp_path / "data"
+    assert _run(["preprocess", str(_h5ad(tmp_path, extra_gene)), str(data), *PP_ARGS], capsys)[0] == 0
+    model_genes = [f"g{i}" for i in range(40)]
+    with pytest.raises(ScaleError, match="renames X to g0, which the data also has as a gene of its own"):
+        ProcessedDataset(data).align_genes(model_genes, {"X": "g0"})
+    # renaming both (a swap) is unambiguous, and so is a rename onto a gene the model does not use
+    swapped = ProcessedDataset(data)
+    swapped.align_genes(model_genes, {"X": "g0", "g0": "unused"})
+    ProcessedDataset(data).align_genes(model_genes, {"X": "g1_alias", "g1_alias": "g2_alias"})
+    plain = ProcessedDataset(data)
+    np.testing.assert_array_equal(
+        swapped.gather(np.arange(5))[:, 0], plain.gather(np.arange(5))[:, plain.genes.index("X")]
+    )

@@ -139,7 +139,9 @@ def test_a_training_pair_is_not_projected_on_its_own_delta() -> None:
     np.testing.assert_allclose(_projector(held.basis_for(*keys[0])), _projector(held.basis), atol=1e-12)
     # the full basis makes training priors fit their own deltas better (helper-measured: 0.43 vs
     # 0.36 at rank 5 on 3 contexts x 40 perturbations; small here, but one-sided)
-    leaky = AdditivePrior(deltas, basis=prior.basis)
+    leaky = AdditivePrior(deltas).with_rank(3, leave_one_out=False)  # model.prior_basis_leave_one_out=false
+    assert leaky.spectrum is None
+    np.testing.assert_allclose(leaky.vector(*keys[0]), project(AdditivePrior(deltas).vector(*keys[0]), prior.basis))
     fit = lambda p: np.mean([np.corrcoef(p.vector(*k), deltas[k])[0, 1] for k in keys])  # noqa: E731
     assert fit(leaky) > fit(prior)
 

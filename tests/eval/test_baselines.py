@@ -69,3 +69,23 @@ def test_the_cli_rejects_a_bad_rank(tmp_path: Path) -> None:
     for bad in ("0", "-3", "many"):
         with pytest.raises(argparse.ArgumentTypeError, match="positive integer or 'auto'"):
             _prior_rank_arg(bad)
+
+
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_training_reads_the_leave_one_out_switch(screen, tmp_path: Path, leave_one_out: bool) -> None:
+    # model.prior_basis_leave_one_out reaches the prior the training sets are drawn with
+    from bionemo_scale.config import apply_overrides
+    from bionemo_scale.recipes import get_recipe
+    from bionemo_scale.train.data import ScaleDataModule
+
+    data, _ = screen
+    split = tmp_path / "split.toml"
+    split.write_text(f'[fewshot."{data.index.contexts[0]}"]\nval = []\ntest = ["{data.index.perturbations[1]}"]\n')
+    cfg = apply_overrides(
+        get_recipe("tiny_cpu"),
+        [f"data.path={data.path}", f"data.split={split}", "model.prior_rank=3",
+         f"model.prior_basis_leave_one_out={str(leave_one_out).lower()}"],
+    )  # fmt: skip
+    prior = ScaleDataModule(cfg, seq_length=8).prior
+    assert prior is not None and prior.rank == 3
+    assert (prior.spectrum is not None) == leave_one_out

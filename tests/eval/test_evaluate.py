@@ -260,8 +260,12 @@ def test_duplicate_predicted_genes_are_named_as_such() -> None:
     real.var_names = ["a", "b", "c"]
     pred = real.copy()
     pred.var_names = ["a", "b", "b"]
-    with pytest.raises(ScaleError, match=r"predicted gene names are not unique \('b'\)"):
+    with pytest.raises(ScaleError, match=r"prediction gene names are not unique \('b'\)"):
         check_genes(real, pred)
+    # a baseline's genes are blamed on the baseline, not on the prediction
+    pred.var_names = ["c", "b", "a"]
+    with pytest.raises(ScaleError, match=r"position 0 is 'a' in real but 'c' in the baseline x"):
+        check_genes(real, pred, "baseline x")
 
 
 def test_report_of_a_one_gene_panel(tmp_path):

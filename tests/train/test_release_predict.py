@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.train.conftest import SPLIT, cli, read_losses
+from tests.train.conftest import SPLIT, cli, read_losses, train_args
 
 pytestmark = [pytest.mark.slow]
 
@@ -182,6 +182,34 @@ def test_damaged_checkpoint_or_prior_is_one_line(
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
         assert needle in lines[0] and "Fix:" in lines[0]
     assert not (tmp_path / "out_rel").exists() and not (tmp_path / "p.h5ad").exists()
+    # resuming training from the truncated checkpoint: one line naming it, not NeMo's traceback
+    proc = cli(*train_args(demo_data, run, 40), check=False, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "cannot resume from checkpoint" in lines[0] and "incomplete or damaged" in lines[0]
+
+
+def test_damaged_run_metadata_is_one_line(base_run: Path, demo_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    meta = tmp_path / "meta"
+    shutil.copytree(base_run, meta)
+    for path in meta.glob("checkpoints/*/weights/metadata.json"):
+        path.write_text("{")
+    vocab = tmp_path / "vocab"
+    shutil.copytree(base_run, vocab)
+    (vocab / "vocab.json").write_text("{oops")
+    for cmd, needle in (
+        (["export", str(meta), str(tmp_path / "r1")], "incomplete or damaged"),
+        (["predict", "--checkpoint", str(meta), "--data", str(demo_data), "--split", str(SPLIT),
+          "--output", str(tmp_path / "p1" / "PRED.h5ad")], "incomplete or damaged"),
+        (["export", str(vocab), str(tmp_path / "r2")], "vocab.json is damaged"),
+    ):  # fmt: skip
+        proc = cli(*cmd, check=False, timeout=120)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+        assert needle in lines[0] and "Fix:" in lines[0]
+    assert not any((tmp_path / name).exists() for name in ("r1", "r2", "p1"))
 
 
 def test_predict_with_a_gene_map(release: Path, demo_data: Path, tmp_path: Path) -> None:

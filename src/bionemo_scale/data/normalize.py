@@ -37,6 +37,10 @@ def check_finite_nonnegative(chunk: sp.csr_matrix, first_row: int, path_name: st
     )
 
 
+# Below this share of non-integer stored values, non-integer X is damaged counts, not log1p.
+MIN_FRACTIONAL_SHARE = 0.5
+
+
 def is_integer_valued(chunk: sp.csr_matrix) -> bool:
     values = chunk.data
     return bool(np.all(values == np.round(values)))
@@ -53,13 +57,31 @@ def detect_input_kind(chunk: sp.csr_matrix, path_name: str) -> InputKind:
         raise ScaleError(f"{path_name}: the first cells have no expression at all", "check that X holds expression")
     if is_integer_valued(chunk):
         return "counts"
+    fractional = chunk.data != np.round(chunk.data)
+    if fractional.mean() < MIN_FRACTIONAL_SHARE:
+        # log1p of normalised counts is almost never a whole number; counts with a few stray
+        # fractions are damaged counts, and taking them for log1p would skip normalisation
+        row = int(np.searchsorted(chunk.indptr, int(np.flatnonzero(fractional)[0]), side="right") - 1)
+        raise ScaleError(
+            f"{path_name}: X holds integer counts with a few non-integer values ({int(fractional.sum())} of "
+            f"{fractional.size} stored values, the first in row {row})",
+            "provide raw counts (all whole numbers) or log1p-normalised values",
+        )
+    check_log1p_range(chunk, 0, path_name)
+    return "log1p"
+
+
+def check_log1p_range(chunk: sp.csr_matrix, start: int, path_name: str) -> None:
+    """Every chunk of a log1p input must stay in log range (not only the first one detection saw)."""
+    if chunk.nnz == 0:
+        return
     vmax = float(chunk.data.max())
     if vmax > MAX_PLAUSIBLE_LOG1P:
+        where = f"rows from {start} hold" if start else "X is non-integer with"
         raise ScaleError(
-            f"{path_name}: X is non-integer with values up to {vmax:.1f}, so it looks normalised but not log-transformed",
-            "provide raw counts, or log1p(normalize_total) values",
+            f"{path_name}: {where} values up to {vmax:.1f}, so it looks normalised but not log-transformed",
+            "provide raw counts, or log1p(normalize_total) values in every row",
         )
-    return "log1p"
 
 
 def normalize_log1p(chunk: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:

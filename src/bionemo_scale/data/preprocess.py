@@ -28,6 +28,7 @@ from bionemo_scale.data.layout import SCDL_SUBDIR, write_dataset_files
 from bionemo_scale.data.normalize import (
     GeneMoments,
     check_finite_nonnegative,
+    check_log1p_range,
     detect_input_kind,
     is_integer_valued,
     select_top_genes,
@@ -46,7 +47,11 @@ def _labels(obs: pd.DataFrame, col: str, what: str) -> np.ndarray:
     missing = int(values.isna().sum())
     if missing:
         raise ScaleError(f"{missing} cells have no {what} in obs['{col}']", "fill or drop those cells")
-    return values.astype(str).to_numpy()
+    text = values.astype(str).to_numpy()
+    blank = int((np.char.str_len(np.char.strip(text.astype(str))) == 0).sum())
+    if blank:
+        raise ScaleError(f"{blank} cells have an empty {what} in obs['{col}']", "fill or drop those cells")
+    return text
 
 
 def _check_genes(genes: np.ndarray) -> None:
@@ -202,6 +207,8 @@ def preprocess(
                         f"{name}: rows from {start} hold non-integer values while the first rows held counts",
                         "store one kind of value in X (all raw counts, or all log-normalised)",
                     )
+                elif kind == "log1p":
+                    check_log1p_range(chunk, start, name)
                 if moments is not None:
                     rows = plan.train_mask[start : start + chunk.shape[0]]
                     moments.update(to_log1p(chunk[rows], kind, cfg.target_sum))

@@ -125,11 +125,12 @@ class AdditivePrior:
         return np.mean(rows, axis=0) if rows else np.mean(list(self.deltas.values()), axis=0)
 
     # -- low-rank denoising ----------------------------------------------------------------------
-    def with_rank(self, rank: int | str | None) -> AdditivePrior:
+    def with_rank(self, rank: int | str | None, leave_one_out: bool = True) -> AdditivePrior:
         """This prior projected onto the top-`rank` directions of its deltas ("auto": chosen by CV).
 
         Returns `self` unchanged when `rank` is off (None/0) or "auto" finds no rank that beats
-        the raw prior on held-out training pairs.
+        the raw prior on held-out training pairs. `leave_one_out=False` projects training pairs
+        onto the full basis too (their own delta is in it; held-out pairs are unaffected).
         """
         keys = sorted(self.deltas)
         matrix = np.stack([self.deltas[k] for k in keys])
@@ -137,7 +138,8 @@ class AdditivePrior:
         if chosen is None:
             return self
         values, vectors = top_spectrum(matrix, spectrum_size(chosen))
-        return AdditivePrior(self.deltas, self.combo_sep, basis=vectors[:chosen], spectrum=(values, vectors))
+        spectrum = (values, vectors) if leave_one_out else None
+        return AdditivePrior(self.deltas, self.combo_sep, basis=vectors[:chosen], spectrum=spectrum)
 
     @property
     def rank(self) -> int | None:

@@ -108,7 +108,17 @@ class ProcessedDataset:
         fine-tuning with --gene-map, so a dataset with other gene ids or order can be used.
         """
         names = [rename.get(g, g) for g in self.genes] if rename else list(self.genes)
-        pos = {g: i for i, g in enumerate(names)}
+        wanted = set(target)
+        pos: dict[str, int] = {}
+        for i, g in enumerate(names):
+            if g in pos and g in wanted:  # a renamed gene landed on a data gene kept under its own name
+                a, b = self.genes[pos[g]], self.genes[i]
+                renamed = b if rename and b in rename else a
+                raise ScaleError(
+                    f"the gene map renames {renamed} to {g}, which the data also has as a gene of its own",
+                    f"map the data's {g} to another name as well, or drop the line for {renamed}",
+                )
+            pos[g] = i
         missing = [g for g in target if g not in pos]
         if missing:
             raise ScaleError(

@@ -133,14 +133,17 @@ def obs_labels(adata: ad.AnnData, column: str, role: str, flag: str) -> np.ndarr
     return values.astype(str).to_numpy()
 
 
-def check_genes(real: ad.AnnData, pred: ad.AnnData) -> np.ndarray:
-    """Identical gene names in identical order on both sides; returns them."""
+def check_genes(real: ad.AnnData, pred: ad.AnnData, role: str = "prediction") -> np.ndarray:
+    """Identical gene names in identical order on both sides; returns them.
+
+    `role` names the file being checked against the real cells in the messages ("baseline X").
+    """
     real_genes = real.var_names.astype(str).to_numpy()
     pred_genes = pred.var_names.astype(str).to_numpy()
-    for role, adata in (("real", real), ("predicted", pred)):
+    for side, adata in (("real", real), (role, pred)):
         if not adata.var_names.is_unique:
             dup = adata.var_names[adata.var_names.duplicated()].unique()
-            raise ScaleError(f"{role} gene names are not unique ({_preview(dup)})", "make var_names unique")
+            raise ScaleError(f"{side} gene names are not unique ({_preview(dup)})", "make var_names unique")
     if np.array_equal(real_genes, pred_genes):
         return real_genes
     missing = np.setdiff1d(real_genes, pred_genes)
@@ -148,16 +151,16 @@ def check_genes(real: ad.AnnData, pred: ad.AnnData) -> np.ndarray:
     if missing.size or extra.size:
         parts = []
         if missing.size:
-            parts.append(f"real genes missing from the prediction: {missing.size} ({_preview(missing)})")
+            parts.append(f"real genes missing from the {role}: {missing.size} ({_preview(missing)})")
         if extra.size:
-            parts.append(f"predicted genes not in the real data: {extra.size} ({_preview(extra)})")
+            parts.append(f"{role} genes not in the real data: {extra.size} ({_preview(extra)})")
         raise ScaleError(
             "gene sets differ: " + "; ".join(parts),
             "predict the same genes as the real data (pred = pred[:, real.var_names])",
         )
     first = int(np.flatnonzero(real_genes != pred_genes)[0])
     raise ScaleError(
-        f"gene order differs: position {first} is {real_genes[first]!r} in real but {pred_genes[first]!r} in pred",
+        f"gene order differs: position {first} is {real_genes[first]!r} in real but {pred_genes[first]!r} in the {role}",
         "reorder the prediction's genes to match (pred = pred[:, real.var_names])",
     )
 

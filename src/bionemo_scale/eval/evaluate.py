@@ -287,7 +287,7 @@ def _work_units(pairs: list, real: Side, control: str, per_cell: bool) -> int:
 
 def _load_prediction(path: str | Path, role: str, pert_col: str, context_col: str | None, genes_from) -> Side:
     adata = _anndata.read_h5ad(path, role)
-    _anndata.check_genes(genes_from, adata)
+    _anndata.check_genes(genes_from, adata, role)
     return _anndata.load_side(adata, role, pert_col, context_col)
 
 

@@ -49,7 +49,9 @@ class ScaleDataModule(pl.LightningDataModule):
             raise ScaleError("the split leaves no training pairs", "hold out fewer (context, perturbation) pairs")
         # The additive prior, from training pairs only (every rank computes the same tables).
         self.prior = (
-            AdditivePrior.from_data(self.data, self.labels).with_rank(cfg.model.prior_rank)
+            AdditivePrior.from_data(self.data, self.labels).with_rank(
+                cfg.model.prior_rank, leave_one_out=cfg.model.prior_basis_leave_one_out
+            )
             if cfg.model.additive_prior
             else None
         )

@@ -340,7 +340,7 @@ def train(
     pl.seed_everything(cfg.trainer.seed, workers=True)
     torch.use_deterministic_algorithms(cfg.trainer.deterministic, warn_only=True)
 
-    callbacks = list(extra_callbacks or [])
+    callbacks = [*(extra_callbacks or []), TrainingStarted()]
     if cfg.eval.enabled:
         from bionemo_scale.eval.callback import BiologicalMetricsCallback
 
@@ -364,6 +364,40 @@ def train(
     write_run_files(cfg, vocab, run_dir, split)
     if datamodule.prior is not None and int(os.environ.get("RANK", "0")) == 0:
         datamodule.prior.save(run_dir / "prior.safetensors")
+    from bionemo_scale.train.release import damaged_checkpoint_errors
+
     resume.setup(trainer, module)
-    trainer.fit(module, datamodule=datamodule)
+    started = next(c for c in trainer.callbacks if isinstance(c, TrainingStarted))
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except Exception as exc:  # NeMo wraps the loader's error in a RuntimeError: look down the chain
+        ckpt = getattr(trainer, "ckpt_path", None)
+        cause = _first_of(exc, damaged_checkpoint_errors(with_os_errors=False))
+        if started.started or not ckpt or cause is None:
+            raise
+        raise ScaleError(
+            f"cannot resume from checkpoint {ckpt} ({type(cause).__name__}): it is incomplete or damaged",
+            f"delete {ckpt} to resume from the checkpoint before it, or train into a new --output directory",
+        ) from None
     return run_dir
+
+
+def _first_of(exc: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of `types` in `exc`'s chain of causes (None if there is none)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, types):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
+
+
+class TrainingStarted(pl.Callback):
+    """Whether training got past restoring its checkpoint: errors before that are the checkpoint's."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = True

@@ -90,7 +90,16 @@ def read_run_config(run_dir: str | Path) -> tuple[ScaleConfig, dict[str, object]
         if not (run_dir / name).exists():
             raise ScaleError(f"{run_dir} has no {name}", "point to a run directory made by `bionemo-scale train`")
     cfg = validate_config(ScaleConfig, load_yaml(run_dir / "config.yaml"), f"{run_dir}/config.yaml")
-    return cfg, json.loads((run_dir / "vocab.json").read_text())  # type: ignore[return-value]
+    try:
+        vocab = json.loads((run_dir / "vocab.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ScaleError(
+            f"{run_dir}/vocab.json is damaged ({type(err).__name__})",
+            "restore it from a copy of the run (train rewrites it only when starting a new run), or retrain",
+        ) from None
+    if not isinstance(vocab, dict) or "genes" not in vocab:
+        raise ScaleError(f"{run_dir}/vocab.json is not a run vocabulary", "point to a run directory made by `train`")
+    return cfg, vocab
 
 
 def _single_process_model(cfg: ScaleConfig):
@@ -107,14 +116,19 @@ def _single_process_model(cfg: ScaleConfig):
     return model.eval()
 
 
-def _damaged_checkpoint_errors() -> tuple[type[BaseException], ...]:
-    """What reading a damaged distributed checkpoint raises (torch's is a BaseException)."""
+def damaged_checkpoint_errors(with_os_errors: bool = True) -> tuple[type[BaseException], ...]:
+    """What reading a damaged distributed checkpoint raises (torch's is a BaseException).
+
+    A truncated shard raises EOFError or UnpicklingError, a damaged metadata.json JSONDecodeError.
+    `with_os_errors=False` leaves OSError out, where other files could raise it too.
+    """
     import pickle
 
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
 
-    return (CheckpointException, CheckpointingException, OSError, EOFError, pickle.UnpicklingError)
+    errors = (CheckpointException, CheckpointingException, EOFError, pickle.UnpicklingError, json.JSONDecodeError)
+    return (*errors, OSError) if with_os_errors else errors
 
 
 def load_run_model(run_dir: str | Path, which: str = "last"):
@@ -129,7 +143,7 @@ def load_run_model(run_dir: str | Path, which: str = "last"):
     sharded = {k: v for k, v in sharded.items() if not k.endswith("_extra_state")}
     try:
         loaded = dist_checkpointing.load(sharded, str(weights), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    except _damaged_checkpoint_errors() as exc:  # a truncated shard, missing metadata, a foreign file
+    except damaged_checkpoint_errors() as exc:  # a truncated shard, missing metadata, a foreign file
         first = str(exc).splitlines()[0][:160] if str(exc) else ""
         raise ScaleError(
             f"cannot read checkpoint {weights} ({type(exc).__name__}: {first}); it is incomplete or damaged"
