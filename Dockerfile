@@ -42,9 +42,43 @@ WORKDIR /opt/bionemo-scale
 #    `pip list --format=freeze` rather than `pip freeze`: it always writes NAME==VERSION, whereas
 #    `pip freeze` writes `NAME @ file://...` / `-e ...` lines for the image's source installs,
 #    which are not valid constraints.
-RUN pip list --format=freeze | sort -f > /opt/image-constraints.txt \
- && grep -iE '^(torch|transformer[-_]engine[-_a-z0-9]*|apex|megatron[-_]core|nemo[-_]toolkit|lightning|pytorch[-_]lightning|numpy)==' \
-        /opt/image-constraints.txt > /opt/image-core.txt \
+#    Lines pip would reject as constraints (Debian versions such as `1.7build1` from the system
+#    dist-packages) are dropped. NeMo and megatron-core may be source checkouts without pip
+#    metadata, so their versions are also recorded as Python reports them.
+COPY <<'EOF' /opt/freeze-constraints.py
+"""Print the installed packages as NAME==VERSION lines that pip accepts as constraints, and the
+stack's versions as Python reports them (--core): step 1 records both, step 4 compares."""
+import contextlib
+import re
+import subprocess
+import sys
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import InvalidVersion, Version
+
+CORE = re.compile(r"^(torch|transformer[-_]engine[-_a-z0-9]*|apex|megatron[-_]core|nemo[-_]toolkit|lightning"
+                  r"|pytorch[-_]lightning|numpy)==", re.IGNORECASE)
+kept = []
+pip_list = [sys.executable, "-m", "pip", "list", "--format=freeze"]
+listing = subprocess.run(pip_list, capture_output=True, text=True, check=True).stdout
+for line in listing.split():
+    try:
+        Version(next(iter(Requirement(line).specifier)).version)
+    except (InvalidRequirement, InvalidVersion, StopIteration):
+        continue  # not a valid constraint: leave that package unpinned rather than fail the build
+    kept.append(line)
+kept.sort(key=str.lower)
+if "--core" in sys.argv:
+    with contextlib.redirect_stdout(sys.stderr):  # import-time notices stay out of the record
+        import megatron.core
+        import nemo
+
+    kept = [line for line in kept if CORE.match(line)]
+    kept += [f"python: megatron.core {megatron.core.__version__}", f"python: nemo {nemo.__version__}"]
+print("\n".join(kept))
+EOF
+RUN python /opt/freeze-constraints.py > /opt/image-constraints.txt \
+ && python /opt/freeze-constraints.py --core > /opt/image-core.txt \
  && echo "image stack:" && cat /opt/image-core.txt
 
 # 2. Our runtime dependencies minus the stack the image owns. Only what is missing gets installed
@@ -76,15 +110,14 @@ RUN if python -c 'import sys, setuptools; sys.exit(int(setuptools.__version__.sp
 
 # 4. Proof that the stack is untouched, then a smoke run. Importing transformer_engine needs no GPU
 #    (TE loads the CUDA driver lazily); nothing here initialises CUDA.
-RUN pip list --format=freeze | sort -f \
-      | grep -iE '^(torch|transformer[-_]engine[-_a-z0-9]*|apex|megatron[-_]core|nemo[-_]toolkit|lightning|pytorch[-_]lightning|numpy)==' \
-      | diff /opt/image-core.txt - \
+RUN python /opt/freeze-constraints.py --core | diff /opt/image-core.txt - \
  && bionemo-scale --help \
  && python -c "import bionemo_scale, transformer_engine" \
  && python -c "import megatron.core, nemo.lightning, bionemo.scdl; import bionemo_scale.model.scale_model, bionemo_scale.train.engine" \
  && bionemo-scale recipe list \
  && bionemo-scale launch --recipe tahoe_100m_pretrain --nodes 2 --gpus-per-node 8 --executor slurm \
-        --data /data/scdl --split /data/split.toml --output /runs/smoke --dry-run > /dev/null
+        --data /data/scdl --split /data/split.toml --output /runs/smoke --image bionemo-scale:smoke \
+        --dry-run > /dev/null
 
 LABEL org.opencontainers.image.title="bionemo-scale" \
       org.opencontainers.image.description="SCALE virtual-cell model (BioNeMo/NeMo 2 plugin) on the NGC NeMo container" \

@@ -108,8 +108,10 @@ def test_slurm_dry_run_script(capsys) -> None:
     # Rendezvous and the NCCL environment.
     assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
     assert "export MASTER_PORT=29500" in script
-    nccl = {ln.split("=")[0].removeprefix("export ") for ln in script.splitlines() if ln.startswith("export NCCL_")}
-    assert {"NCCL_IB_DISABLE", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "NCCL_ASYNC_ERROR_HANDLING"} <= nccl
+    exported = {ln.split("=")[0].removeprefix("export ") for ln in script.splitlines() if ln.startswith("export ")}
+    assert {"NCCL_IB_DISABLE", "NCCL_IB_HCA", "NCCL_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING"} <= exported
+    assert "NCCL_ASYNC_ERROR_HANDLING" not in exported  # torch's deprecated name
+    assert "--cpu-bind=none" in script  # a rank bound to one core would starve its data workers
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in script
 
     # srun in the container, with data, split and output visible at the same paths.

@@ -164,12 +164,12 @@ export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT={spec.master_port}
 export WORLD_SIZE=$((SLURM_NNODES * SLURM_NTASKS_PER_NODE))
 
-# NCCL on DGX/InfiniBand; CUDA_DEVICE_MAX_CONNECTIONS=1 lets TP comm overlap compute.
+# NCCL on DGX/InfiniBand; CUDA_DEVICE_MAX_CONNECTIONS=1 lets TP comm overlap compute. The tasks
+# are not bound to CPUs (--cpu-bind=none): each rank's data workers share the exclusive node's cores.
 export NCCL_IB_DISABLE=0
 export NCCL_IB_HCA=${{NCCL_IB_HCA:-mlx5}}
 export NCCL_SOCKET_IFNAME=${{NCCL_SOCKET_IFNAME:-^lo,docker}}
-export NCCL_NVLS_ENABLE=0
-export NCCL_ASYNC_ERROR_HANDLING=1
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export TORCH_NCCL_AVOID_RECORD_STREAMS=1
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 export PYTHONUNBUFFERED=1
@@ -178,6 +178,7 @@ srun --container-image={shlex.quote(spec.image)} \\
      --container-mounts={shlex.quote(mounts)} \\
      --no-container-mount-home \\
      --kill-on-bad-exit=1 \\
+     --cpu-bind=none \\
      bash -c {task}
 """
     return "\n".join(header) + "\n" + body

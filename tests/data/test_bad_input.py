@@ -493,10 +493,10 @@ def test_sigterm_leaves_no_temporary(tmp_path: Path) -> None:
         str(out),
         *PP_ARGS,
         "--chunk-rows",
-        "16",
+        "1",  # one row per chunk: the work lasts seconds (12 s in all here), not the ~0.5 s of 16 rows
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # a guard against a hang, not a speed requirement
     while not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir()) and proc.poll() is None:
         assert time.monotonic() < deadline
         time.sleep(0.01)

@@ -87,3 +87,35 @@ def test_group_priors_drop_covered_parts_only_when_asked(prior: AdditivePrior, c
     np.testing.assert_allclose(own[1].numpy(), _vec(1.0))
     np.testing.assert_allclose(own[0].numpy(), np.zeros(G))
     np.testing.assert_allclose(gp.batch(groups)[0].numpy(), _vec(1.0, 2.0))
+
+
+def test_from_data_is_the_cell_weighted_shift_of_training_pairs_only(tmp_path) -> None:
+    # Checked against a direct computation from the cells: each training pair's mean over all its
+    # cells (every batch, weighted by cells) minus its own context's control mean; held-out pairs
+    # must not be in the prior at all (they would leak into every held-out prediction).
+    from bionemo_scale.config import SynthConfig
+    from bionemo_scale.data.splits import SplitSpec
+    from bionemo_scale.data.store import ProcessedDataset
+    from bionemo_scale.data.synth import write_synthetic_dataset
+
+    cfg = SynthConfig(n_cells=1500, n_genes=30, n_programs=3, n_contexts=2, n_batches=2, n_perturbations=4)
+    write_synthetic_dataset(tmp_path / "ds", cfg, progress=False)
+    data = ProcessedDataset(tmp_path / "ds")
+    idx = data.index
+    held = {(idx.contexts[0], idx.perturbations[1]), (idx.contexts[1], idx.perturbations[2])}
+    spec = SplitSpec(fewshot={idx.contexts[0]: {"val": [idx.perturbations[1]], "test": []},
+                              idx.contexts[1]: {"val": [], "test": [idx.perturbations[2]]}})  # fmt: skip
+    prior = AdditivePrior.from_data(data, data.split_labels(spec))
+
+    X = data.gather(np.arange(data.n_cells)).astype(np.float64)
+    obs = data.obs
+    expected = {}
+    for ctx in idx.contexts:
+        ctrl = X[((obs["context"] == ctx) & (obs["perturbation"] == idx.control_label)).to_numpy()].mean(0)
+        for pert in idx.perturbations[1:]:
+            if (ctx, pert) not in held:
+                cells = ((obs["context"] == ctx) & (obs["perturbation"] == pert)).to_numpy()
+                expected[(ctx, pert)] = X[cells].mean(0) - ctrl
+    assert set(prior.deltas) == set(expected)
+    for key, delta in expected.items():
+        np.testing.assert_allclose(prior.deltas[key], delta, rtol=1e-4, atol=1e-5)  # float32 cells

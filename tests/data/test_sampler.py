@@ -117,6 +117,14 @@ def test_dp_shards_are_disjoint_and_cover_every_group(data: ProcessedDataset, wo
         assert {ds.pair_rows(k)[0] for k in flat} == set(_pert_groups(data).tolist())
 
 
+def test_the_shards_follow_megatrons_blocked_layout() -> None:
+    # each global step takes mbs * world consecutive indices, and rank r gets the r-th block of
+    # mbs (not every world-th index): what megatron's pretraining sampler hands each rank
+    world, mbs = 3, 2
+    shards = [list(ShardedSetSampler(20, r, world, mbs)) for r in range(world)]
+    assert shards == [[0, 1, 6, 7, 12, 13], [2, 3, 8, 9, 14, 15], [4, 5, 10, 11, 16, 17]]
+
+
 def test_resume_from_consumed_samples_continues_the_sequence(data: ProcessedDataset) -> None:
     ds = SetPairDataset(data, _pert_groups(data), SamplerConfig(set_size=8))
     world, mbs = 2, 2

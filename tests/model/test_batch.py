@@ -73,3 +73,23 @@ def test_prior_self_cover_swaps_the_prior_and_drops_every_part() -> None:
     # off by default, and at prediction the batch keeps its prior
     plain = prepare_flow_batch(batch, FlowConfig(), seed=0)
     assert torch.equal(plain["prior"], batch["prior"]) and torch.equal(plain["parts"], batch["parts"])
+
+
+def test_training_couples_each_perturbed_set_to_its_control_set() -> None:
+    # OT coupling: within each set, the perturbed cells are reordered (a permutation of the same
+    # cells) so that the total squared distance to the control cells is minimal; identity leaves them
+    import itertools
+
+    batch = _batch(n=6, s=4, g=3)
+    out = prepare_flow_batch(batch, FlowConfig(coupling="ot"), seed=0)
+    for i in range(6):
+        ctrl, pert, paired = batch["ctrl"][i], batch["pert"][i], out["pert"][i]
+        rows = [int(torch.nonzero((pert == row).all(dim=1))[0]) for row in paired]
+        assert sorted(rows) == list(range(4))  # the same cells, reordered
+        costs = {order: float(((ctrl - pert[list(order)]) ** 2).sum()) for order in itertools.permutations(range(4))}
+        assert costs[tuple(rows)] == min(costs.values())
+    assert not torch.equal(out["pert"], batch["pert"])  # some set was reordered
+    same = prepare_flow_batch(batch, FlowConfig(coupling="identity"), seed=0)
+    torch.testing.assert_close(same["pert"], batch["pert"])
+    # at evaluation time nothing is reordered
+    torch.testing.assert_close(prepare_flow_batch(batch, FlowConfig(), seed=0, training=False)["pert"], batch["pert"])

@@ -7,7 +7,6 @@ dominates).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -62,7 +61,6 @@ def test_nemo_data_parallel_matches_one_process(one_device: list[dict], tmp_path
     assert results[0]["losses"] == pytest.approx(one_device[0]["losses"], abs=1e-5)
 
 
-@pytest.mark.skipif(not os.environ.get("BIONEMO_SCALE_PROVE_SHIM"), reason="opt-in: set BIONEMO_SCALE_PROVE_SHIM=1")
 @pytest.mark.parametrize(
     ("patch", "signature"),
     [
@@ -72,7 +70,7 @@ def test_nemo_data_parallel_matches_one_process(one_device: list[dict], tmp_path
     ],
 )
 def test_each_nemo_patch_is_needed(patch: str, signature: str, tmp_path: Path) -> None:
-    """Opt-in (3 × ~20 s): each NeMo patch, skipped, breaks training (see test_shim.py)."""
+    """Each NeMo patch, skipped, breaks training (3 x ~20 s; see test_shim.py)."""
     (output,) = run_torchrun(
         "nemo_train.py", 1, tmp_path, env={"BIONEMO_SCALE_CPU_SHIM_SKIP": patch}, timeout=240, expect_failure=True
     )

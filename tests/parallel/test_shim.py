@@ -6,7 +6,6 @@ process-global install and must not leak into the pytest process.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,9 @@ from bionemo_scale.errors import ScaleError
 from tests._torchrun import run_python, run_torchrun
 
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shim is a no-op with CUDA")
-# Opt-in (about 1 min): re-prove that every shim patch is still needed, after a megatron-core
-# or NeMo upgrade. BIONEMO_SCALE_PROVE_SHIM=1 pytest tests/parallel -k needed
-PROVE_SHIM = pytest.mark.skipif(
-    not os.environ.get("BIONEMO_SCALE_PROVE_SHIM"), reason="opt-in: set BIONEMO_SCALE_PROVE_SHIM=1"
-)
+# The `*_is_needed` tests (slow, about 1 min) prove that every shim patch is still needed: each
+# one, skipped, breaks a run with its own signature. A megatron-core or NeMo upgrade that makes a
+# patch unnecessary (or changes the failure) shows up here: `pytest tests/parallel -k needed`.
 
 
 @pytest.mark.parametrize(
@@ -166,7 +163,6 @@ NEEDED = [
 
 
 @CPU_ONLY
-@PROVE_SHIM
 @pytest.mark.slow
 @pytest.mark.parametrize(("patch", "args", "signature"), NEEDED, ids=[n[0] for n in NEEDED])
 def test_each_megatron_patch_is_needed(patch: str, args: tuple[str, ...], signature: str, tmp_path: Path) -> None:
@@ -177,7 +173,6 @@ def test_each_megatron_patch_is_needed(patch: str, args: tuple[str, ...], signat
 
 
 @CPU_ONLY
-@PROVE_SHIM
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_synchronize_patch_is_needed_by_pipeline_p2p(tmp_path: Path) -> None:
