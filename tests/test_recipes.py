@@ -258,3 +258,34 @@ def test_cpu_recipes_stay_small() -> None:
         cfg = recipes.get_recipe(name)
         assert cfg.trainer.accelerator == "cpu" and cfg.model.spec == "local" and cfg.model.fp8 is None
         assert scale_param_count(cfg.model.model_copy(update={"n_genes": 2000})) < 2e6
+
+
+def test_fp8_shapes_are_checked_when_the_config_is_made() -> None:
+    # Transformer Engine's FP8 GEMMs need rows % 8 == 0 (the tokens of a set: 5 condition tokens +
+    # set_size cells) and widths % 16 == 0; a wrong set size would only fail on the GPU, mid-launch
+    from bionemo_scale.config import apply_overrides
+    from bionemo_scale.errors import ScaleError
+
+    tahoe = recipes.get_recipe("tahoe_100m_pretrain")
+    assert tahoe.model.fp8 and (5 + tahoe.data.sampler.set_size) % 8 == 0
+    fp8 = ["model.spec=te", "model.fp8=hybrid"]
+    with pytest.raises(ScaleError, match=r"= 37\) to be a multiple of 8: use data.sampler.set_size=27 or 35"):
+        apply_overrides(recipes.get_recipe("tiny_cpu"), fp8)  # 5 + 32 tokens
+    apply_overrides(recipes.get_recipe("tiny_cpu"), [*fp8, "data.sampler.set_size=35"])
+    with pytest.raises(ScaleError, match="multiples of 16"):
+        apply_overrides(recipes.get_recipe("tiny_cpu"), [*fp8, "data.sampler.set_size=35", "model.ffn_hidden_size=200"])
+
+
+def test_the_precision_plugin_carries_fp8() -> None:
+    # MegatronStrategy copies the plugin's settings onto the model's TransformerConfig: a plugin
+    # built without fp8 silently trained the FP8 recipe in plain bf16
+    import tempfile
+
+    from bionemo_scale.config import apply_overrides
+    from bionemo_scale.train.engine import build_trainer
+
+    cfg = apply_overrides(recipes.get_recipe("tiny_cpu"), ["model.spec=te", "model.fp8=hybrid",
+                                                   "model.fp8_recipe=tensorwise", "data.sampler.set_size=35"])  # fmt: skip
+    trainer, _, _ = build_trainer(cfg, Path(tempfile.mkdtemp()))
+    dtype = trainer.strategy.precision_plugin.dtype_config
+    assert (dtype.fp8, dtype.fp8_recipe) == ("hybrid", "tensorwise")

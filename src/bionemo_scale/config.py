@@ -347,6 +347,20 @@ class ScaleConfig(StrictModel):
             raise ValueError(f"devices × nodes = {world} is not a multiple of TP × PP = {tp * pp}")
         if m.fp8 and m.spec != "te":
             raise ValueError("fp8 needs model.spec=te (Transformer Engine)")
+        if m.fp8:
+            # Transformer Engine's FP8 GEMMs take [rows, cols] with rows % 8 == 0 and cols % 16 == 0;
+            # the rows are the tokens of the sets in a microbatch (condition tokens + cells)
+            tokens = 4 + int(m.use_control_stats) + self.data.sampler.set_size
+            if tokens % 8:
+                size = self.data.sampler.set_size
+                raise ValueError(
+                    f"fp8 needs the tokens per set (condition tokens + data.sampler.set_size = {tokens}) to be a "
+                    f"multiple of 8: use data.sampler.set_size={size - tokens % 8} or {size + 8 - tokens % 8}"
+                )
+            widths = {"hidden_size": m.hidden_size, "ffn_hidden_size": m.ffn, "encoder width": m.encoder_width}
+            odd = {k: v for k, v in widths.items() if (v // tp) % 16}
+            if odd:
+                raise ValueError(f"fp8 needs widths (per TP rank) that are multiples of 16, not {odd}")
         return self
 
     @property

@@ -60,12 +60,13 @@ def tahoe_100m_pretrain() -> ScaleConfig:
 
     TP=4 shards heads, MLPs and the gene encoder/decoder inside a node (NVLink); PP=2 splits
     the 24 layers; DP spans the rest. Transformer Engine spec with FP8 (hybrid, delayed
-    scaling), bf16 elsewhere. Sets of 256 cells, 2,000 HVGs. Not runnable on CPU.
+    scaling), bf16 elsewhere. Sets of 251 cells (with the 5 condition tokens, 256 tokens per set:
+    FP8 GEMMs need a multiple of 8), 2,000 HVGs. Not runnable on CPU.
     """
     return ScaleConfig(
         name="tahoe_100m_pretrain",
         data=DataConfig(
-            sampler=SamplerConfig(set_size=256, control_matching="batch", epoch_mode="cells"),
+            sampler=SamplerConfig(set_size=251, control_matching="batch", epoch_mode="cells"),
             micro_batch_size=4,
             global_batch_size=512,
             num_workers=4,

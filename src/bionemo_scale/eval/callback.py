@@ -219,16 +219,30 @@ class BiologicalMetricsCallback(pl.Callback):
         else:
             gathered = [shard]
         means: dict[str, float] = {}
+        error: Exception | None = None
         if is_logging_rank():
-            preds: dict[int, np.ndarray] = {}
-            for part in gathered:
-                preds.update(part or {})
-            frame = self._score(datamodule, plans, preds, trainer.global_step)
-            numeric = frame.select_dtypes("number")
-            means = {c: float(np.nanmean(numeric[c].to_numpy(dtype=float))) for c in numeric.columns}
-        box = [means]
+            try:
+                preds: dict[int, np.ndarray] = {}
+                for part in gathered:
+                    preds.update(part or {})
+                frame = self._score(datamodule, plans, preds, trainer.global_step)
+                numeric = frame.select_dtypes("number")
+                means = {c: float(np.nanmean(numeric[c].to_numpy(dtype=float))) for c in numeric.columns}
+            except Exception as exc:  # every other rank waits in the broadcast below: tell them
+                error = exc
+        # The outcome travels with the result, so a failure on the logging rank stops every rank
+        # at once instead of leaving them in the next collective until the timeout.
+        box: list[dict[str, object] | None] = [
+            {"means": means, "failure": None if error is None else f"{type(error).__name__}: {error}"}
+        ]
         torch.distributed.broadcast_object_list(box, src=self._logging_global_rank())
-        return box[0]
+        result = box[0]
+        assert result is not None
+        if result["failure"] is not None:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"validation metrics failed on the logging rank ({result['failure']})")
+        return result["means"]  # type: ignore[return-value]
 
     _src: int | None = None
 

@@ -41,6 +41,12 @@ def resolve_accelerator(cfg: ScaleConfig) -> str:
         return "gpu" if torch.cuda.is_available() else "cpu"
     if acc == "gpu" and not torch.cuda.is_available():
         raise ScaleError("trainer.accelerator=gpu but no CUDA device is visible", "use trainer.accelerator=cpu")
+    if acc == "cpu" and torch.cuda.is_available():
+        # the CPU shim and the batch placement follow torch.cuda.is_available(), not the accelerator
+        raise ScaleError(
+            "trainer.accelerator=cpu on a machine with a visible GPU is not supported",
+            "hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPU, or use trainer.accelerator=gpu",
+        )
     return acc
 
 
@@ -184,8 +190,14 @@ def build_trainer(
         # on rank 0 only; with TP/PP > 1 the next world collective (a checkpoint) then hangs.
         replace_progress_bar=False,
     )
+    # FP8 goes to the precision plugin too: MegatronStrategy copies every plugin setting onto the
+    # model's TransformerConfig, so a plugin without fp8 would silently turn model.fp8 off.
     plugins = nl.MegatronMixedPrecision(
-        precision=t.precision, params_dtype=pipeline_dtype, pipeline_dtype=pipeline_dtype
+        precision=t.precision,
+        params_dtype=pipeline_dtype,
+        pipeline_dtype=pipeline_dtype,
+        fp8=cfg.model.fp8,
+        fp8_recipe=cfg.model.fp8_recipe,
     )
     checkpoint = ScaleModelCheckpoint(
         monitor=ck.monitor,
