@@ -54,6 +54,28 @@ def check_output_free(path: Path, overwrite: bool, kind: tuple[str, str] | None 
         raise ScaleError(f"cannot create output {path}: {ancestor} is not writable", "choose a writable location")
 
 
+# The signal that asked this process to stop (set by the CLI's SIGTERM handler). The handler
+# also raises SystemExit, but an exception raised from a signal handler can be swallowed (when it
+# fires inside a finaliser or a C callback, Python only prints "Exception ignored"); the flag makes
+# sure an interrupted command still never renames its temporary output into place.
+_termination: int | None = None
+
+
+def request_termination(signum: int | None) -> None:
+    """Record (or, with None, clear) a termination request: atomic outputs will not be committed."""
+    global _termination
+    _termination = signum
+
+
+def termination_requested() -> int | None:
+    return _termination
+
+
+def _stop_if_terminated() -> None:
+    if _termination is not None:
+        raise SystemExit(128 + _termination)
+
+
 DATASET = ("manifest.json", "processed dataset")
 RELEASE = ("model.safetensors", "release")
 EVALUATION = ("agg_results.csv", "evaluation")
@@ -78,6 +100,7 @@ def atomic_dir(
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like any mkdir
     try:
         yield tmp
+        _stop_if_terminated()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -104,6 +127,7 @@ def atomic_file(path: str | os.PathLike[str], overwrite: bool = True) -> Iterato
     tmp.chmod(0o666 & ~_umask())
     try:
         yield tmp
+        _stop_if_terminated()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

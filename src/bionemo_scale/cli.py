@@ -646,6 +646,9 @@ TERMINABLE = {"preprocess", "synth", "predict", "baseline", "ensemble", "evaluat
 
 
 def _terminate(signum: int, frame: object) -> None:
+    from bionemo_scale.atomic import request_termination
+
+    request_termination(signum)  # holds even if the SystemExit below is swallowed somewhere
     raise SystemExit(128 + signum)
 
 
@@ -657,6 +660,7 @@ def _restored_process_state() -> Iterator[None]:
     levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
     library_level = _LIBRARY_LEVEL
     sigterm = signal.getsignal(signal.SIGTERM)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # this thread's blocked signals (no change)
     try:
         with warnings.catch_warnings():  # restores the warning filters on exit
             yield
@@ -666,6 +670,7 @@ def _restored_process_state() -> Iterator[None]:
         _LIBRARY_LEVEL = library_level
         if signal.getsignal(signal.SIGTERM) is not sigterm and sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)  # only set when main() changed it (main thread)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -679,9 +684,21 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(args.verbose, args.quiet)
     if args.command in TERMINABLE:
         signal.signal(signal.SIGTERM, _terminate)
+        # A blocked SIGTERM is inherited through fork and exec (a parent that blocks it, e.g. a
+        # test runner or a job wrapper): unblocked, so `kill` reaches the handler instead of
+        # waiting, pending, until the command has written its output.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
     handler: Handler = args.handler
+    from bionemo_scale.atomic import request_termination, termination_requested
+
+    request_termination(None)
     try:
-        return handler(args)
+        rc = handler(args)
+        signum = termination_requested()
+        if signum is not None:  # the handler's SystemExit was swallowed, but the command did stop short
+            print(f"bionemo-scale {args.command}: terminated by signal {signum}", file=sys.stderr)
+            return 128 + signum
+        return rc
     except ScaleError as exc:
         print(f"bionemo-scale {args.command}: error: {exc.one_line()}", file=sys.stderr)
         return 2
