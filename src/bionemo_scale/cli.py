@@ -671,6 +671,9 @@ def _restored_process_state() -> Iterator[None]:
         if signal.getsignal(signal.SIGTERM) is not sigterm and sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)  # only set when main() changed it (main thread)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        from bionemo_scale.atomic import request_termination
+
+        request_termination(None)  # a caller's own atomic writes after main() are not refused
 
 
 def main(argv: Sequence[str] | None = None) -> int:
