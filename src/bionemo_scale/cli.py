@@ -133,8 +133,10 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     groups = held_out_groups(data, args.split, args.subset)
     predictor = make_baseline(args.method, data, data.split_labels(args.split), prior_rank=args.prior_rank)
     plans = plan_predictions(data, groups, args.seed)
-    pred_X = run_predictor(data, plans, predictor, args.set_size, args.seed, progress=not args.quiet)
-    pred, real = build_anndata(data, plans, pred_X, kind=f"baseline:{args.method}")
+    pred_X = run_predictor(
+        data, plans, predictor, args.set_size, args.seed, progress=not args.quiet, lattice=args.count_lattice
+    )
+    pred, real = build_anndata(data, plans, pred_X, kind=f"baseline:{args.method}", lattice=args.count_lattice)
     real_path = write_predictions(pred, real, Path(args.output), overwrite=args.overwrite)
     print(f"wrote {args.output} ({pred.n_obs:,} cells, {len(groups)} held-out groups) and {real_path}")
     return 0
@@ -329,10 +331,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     set_size = cfg.data.sampler.set_size
     plans = plan_predictions(data, groups, args.seed, cfg.data.sampler.control_matching)
     compose = (args.combinations or cfg.flow.combinations) == "compose"
+    lattice = cfg.flow.count_lattice if args.count_lattice is None else args.count_lattice
     pred_X = run_predictor(
-        data, plans, predictor, set_size, args.seed, progress=not args.quiet, priors=priors, compose=compose
-    )
-    pred, real = build_anndata(data, plans, pred_X, kind=f"scale:{args.checkpoint}")
+        data, plans, predictor, set_size, args.seed, progress=not args.quiet, priors=priors, compose=compose,
+        lattice=lattice,
+    )  # fmt: skip
+    pred, real = build_anndata(data, plans, pred_X, kind=f"scale:{args.checkpoint}", lattice=lattice)
     real_path = write_predictions(pred, real, Path(args.output), overwrite=args.overwrite)
     print(f"wrote {args.output} ({pred.n_obs:,} cells, {len(groups)} held-out groups) and {real_path}")
     return 0
@@ -342,7 +346,13 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     from bionemo_scale.ensemble import average_predictions
 
     _check_prediction_output(args)
-    real_path = average_predictions([Path(p) for p in args.members], Path(args.output), overwrite=args.overwrite)
+    real_path = average_predictions(
+        [Path(p) for p in args.members],
+        Path(args.output),
+        overwrite=args.overwrite,
+        lattice=args.count_lattice,
+        seed=args.seed,
+    )
     print(f"wrote {args.output} (the mean of {len(args.members)} predictions) and {real_path}")
     return 0
 
@@ -512,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["direct", "compose"],
         help="predict A+B directly or as the sum of the predicted A and B shifts; default from the config",
     )
+    p.add_argument(
+        "--count-lattice",
+        action=argparse.BooleanOptionalAction,
+        help="sample values below one count to 0 or one count (default from the config: on)",
+    )
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_cmd_predict)
@@ -519,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ensemble", help="average several models' predictions of the same cells, cell by cell")
     p.add_argument("members", nargs="+", help="PRED.h5ad files from predict (same data, split, subset and seed)")
     p.add_argument("--output", required=True, help="PRED.h5ad of the ensemble (REAL.h5ad is written beside it)")
+    p.add_argument(
+        "--count-lattice",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sample the mean's values below one count to 0 or one count (default: on, as predict)",
+    )
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the lattice draws")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_cmd_ensemble)
 
@@ -563,6 +585,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prior-rank",
         type=_prior_rank_arg,
         help="additive only: project its shift onto the top-K training-delta directions (K or 'auto')",
+    )
+    p.add_argument(
+        "--count-lattice",
+        action="store_true",
+        help="sample values below one count to 0 or one count, as SCALE's predict does (off: the textbook baseline)",
     )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_cmd_baseline)

@@ -232,6 +232,11 @@ class FlowConfig(StrictModel):
     stop_grad_target: bool = Field(True, description="no gradient into the encoder through the latent target")
     inference_steps: int = Field(1, ge=1, description="NFE at prediction time (1 = one endpoint step)")
     solver: Literal["euler", "heun"] = "euler"
+    count_lattice: bool = Field(
+        True,
+        description="predicted values below one count become 0 or one count (expectation kept): a real cell "
+        "has no fractional counts, and sub-count values make every silent gene look differentially expressed",
+    )
     combinations: Literal["direct", "compose"] = Field(
         "direct",
         description="how a combination A+B whose singles exist in its context is predicted: 'direct' "

@@ -183,8 +183,9 @@ def predict_all(data, split: Path, release: Path, out: Path) -> dict[str, Path]:
             progress=False,
             priors=priors,
             compose=name == "scale" and cfg.flow.combinations == "compose",
+            lattice=name == "scale" and cfg.flow.count_lattice,  # as `predict`; the baselines stay textbook
         )
-        pred, real = build_anndata(data, plans, pred_X, kind=name)
+        pred, real = build_anndata(data, plans, pred_X, kind=name, lattice=name == "scale" and cfg.flow.count_lattice)
         paths[name] = out / name / "PRED.h5ad"
         write_predictions(pred, real, paths[name], overwrite=True)
     return paths

@@ -16,6 +16,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from bionemo_scale.data.count_lattice import lattice_of_file
 from bionemo_scale.errors import ScaleError
 from bionemo_scale.predict import real_path_for, write_predictions
 
@@ -59,8 +60,14 @@ def mean_expression(matrices: list[sp.spmatrix | np.ndarray]) -> sp.csr_matrix:
     return sp.csr_matrix(total / len(matrices), dtype=np.float32)
 
 
-def average_predictions(paths: list[Path], output: Path, overwrite: bool = False) -> Path:
-    """Write the per-cell mean of the members' PRED.h5ad to `output` (and their REAL.h5ad beside it)."""
+def average_predictions(
+    paths: list[Path], output: Path, overwrite: bool = False, lattice: bool = True, seed: int = 0
+) -> Path:
+    """Write the per-cell mean of the members' PRED.h5ad to `output` (and their REAL.h5ad beside it).
+
+    With `lattice`, the mean's sub-count values are sampled onto the count lattice: the mean of
+    members that were each on it is not (0, 0 and one count average to a third of a count).
+    """
     if len(paths) < 2:
         raise ScaleError(f"an ensemble needs at least 2 members, got {len(paths)}", "pass two or more PRED.h5ad files")
     if len({p.resolve() for p in paths}) < len(paths):
@@ -93,9 +100,16 @@ def average_predictions(paths: list[Path], output: Path, overwrite: bool = False
 
     pred = members[0].copy()
     pred.X = mean_expression([m.X for m in members])
+    if lattice:
+        if not np.array_equal(np.flatnonzero(is_pred), np.arange(is_pred.sum())):
+            raise ScaleError(
+                "the members' predicted cells do not come first", "ensemble PRED.h5ad files written by predict"
+            )
+        pred.X = lattice_of_file(pred, seed)
     info = dict(pred.uns.get("bionemo_scale", {}))
     info["kind"] = "ensemble"
     info["members"] = [str(p) for p in paths]
+    info["count_lattice"] = lattice
     info["member_kinds"] = [str(m.uns.get("bionemo_scale", {}).get("kind", "unknown")) for m in members]
     pred.uns["bionemo_scale"] = info
     logger.info("averaged %d members over %d cells x %d genes", len(members), pred.n_obs, pred.n_vars)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from bionemo_scale.atomic import atomic_file, check_output_free
 from bionemo_scale.config import SamplerConfig
+from bionemo_scale.data.count_lattice import put_on_lattice
 from bionemo_scale.data.prior import GroupPriors
 from bionemo_scale.data.sampler import SetPairDataset, draw_positions
 from bionemo_scale.data.store import ProcessedDataset
@@ -120,11 +121,14 @@ def run_predictor(
     progress: bool = True,
     priors: GroupPriors | None = None,
     compose: bool = False,
+    lattice: bool = False,
 ) -> np.ndarray:
     """Predicted expression for every planned cell, in plan order: [sum n_g, G].
 
     With `compose`, a combination whose parts all have single-part groups in its context is
     predicted as the sum of the predicted single shifts on the same control sets (`flow.combinations`).
+    With `lattice`, values below one count are sampled to 0 or one count of the control cell
+    they were predicted from (`data.count_lattice`, `flow.count_lattice`).
     """
     out = []
     for plan in tqdm(plans, desc="predict", unit="pair", disable=not progress):
@@ -134,7 +138,8 @@ def run_predictor(
         if n_sets * set_size > n:  # pad the last set with extra controls of the same pool
             rng = np.random.default_rng([seed, plan.group, 0xAD])
             rows = np.concatenate([rows, rng.choice(plan.ctrl_rows, n_sets * set_size - n)])
-        ctrl = torch.from_numpy(data.gather(rows)).view(n_sets, set_size, -1)
+        ctrl_cells = data.gather(rows)
+        ctrl = torch.from_numpy(ctrl_cells).view(n_sets, set_size, -1)
         singles = composition_groups(data, plan.group) if compose else []
         if singles:
             # unclamped single predictions: clamping each before the sum would bias zeros upward
@@ -142,7 +147,8 @@ def run_predictor(
             pred = compose_shifts(ctrl, [raw(ctrl, group_conditions(data, s, n_sets, priors)) for s in singles])
         else:
             pred = predictor(ctrl, group_conditions(data, plan.group, n_sets, priors))
-        out.append(pred.reshape(n_sets * set_size, -1)[:n].float().cpu().numpy())
+        cells = pred.reshape(n_sets * set_size, -1)[:n].float().cpu().numpy()
+        out.append(put_on_lattice(cells, ctrl_cells[:n], seed, plan.group) if lattice else cells)
     return np.concatenate(out) if out else np.zeros((0, data.n_genes), dtype=np.float32)
 
 
@@ -165,9 +171,12 @@ def _obs(data: ProcessedDataset, rows: np.ndarray, pert_labels: list[str] | None
 
 
 def build_anndata(
-    data: ProcessedDataset, plans: list[GroupPlan], pred_X: np.ndarray, kind: str
+    data: ProcessedDataset, plans: list[GroupPlan], pred_X: np.ndarray, kind: str, lattice: bool = False
 ) -> tuple[ad.AnnData, ad.AnnData]:
-    """(predicted, real) AnnData, each with the real control cells of the contexts involved."""
+    """(predicted, real) AnnData, each with the real control cells of the contexts involved.
+
+    The predicted cells come first (`ensemble` relies on it); `lattice` is recorded in uns.
+    """
     idx = data.index
     contexts = sorted({int(idx.groups.at[p.group, "context_id"]) for p in plans})
     ctrl_groups = np.concatenate([idx.control_groups_by_context[c] for c in contexts]) if contexts else np.array([])
@@ -184,7 +193,14 @@ def build_anndata(
         X=sp.vstack([sp.csr_matrix(pred_X.astype(np.float32)), ctrl_X], format="csr"),
         obs=pred_obs,
         var=pd.DataFrame(index=pd.Index(data.genes, name="gene")),
-        uns={"bionemo_scale": {"kind": kind, "control": idx.control_label, "pert_col": PERT_COL}},
+        uns={
+            "bionemo_scale": {
+                "kind": kind,
+                "control": idx.control_label,
+                "pert_col": PERT_COL,
+                "count_lattice": lattice,
+            }
+        },
     )
     real_obs = pd.concat([_obs(data, real_rows), _obs(data, ctrl_rows)], ignore_index=True)
     real_obs["source_row"] = np.concatenate([real_rows, ctrl_rows])

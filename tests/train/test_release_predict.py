@@ -89,6 +89,44 @@ def test_prediction_format(prediction: Path, demo_data: Path) -> None:
     assert n_ctrl == (pred.obs["perturbation"] == "control").sum() == 200
     assert np.isfinite(pred.X.data).all() and pred.X.min() >= 0
     assert not np.allclose(pred.X[pred.obs["is_prediction"].to_numpy()].toarray().mean(0), 0)
+    _check_on_lattice(pred)
+
+
+def _levels(pred: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted cells, one-count level [n, 1] of the control cell each came from)."""
+    from bionemo_scale.data.count_lattice import one_count_level
+
+    is_pred = pred.obs["is_prediction"].to_numpy()
+    rows = pred.obs["source_row"].to_numpy()
+    X = pred.X.toarray()
+    level_of = dict(zip(rows[~is_pred], one_count_level(X[~is_pred]), strict=True))
+    return X[is_pred], np.array([level_of[r] for r in rows[is_pred]])[:, None]
+
+
+def _check_on_lattice(pred: ad.AnnData) -> None:
+    """Every predicted value is 0 or at least one count of the control cell it came from."""
+    assert pred.uns["bionemo_scale"]["count_lattice"]
+    x, level = _levels(pred)
+    assert not ((x > 0) & (x < level - 1e-6)).any()
+    assert (x > 0).mean() > 0.01  # not emptied: cells keep their expressed genes
+
+
+def test_predict_without_the_lattice_keeps_sub_count_values(
+    release: Path, prediction: Path, demo_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "continuous.h5ad"
+    cli("predict", "--checkpoint", str(release), "--data", str(demo_data), "--split", str(SPLIT), "--output", str(out),
+        "--no-count-lattice")  # fmt: skip
+    cont, latt = ad.read_h5ad(out), ad.read_h5ad(prediction)
+    assert not cont.uns["bionemo_scale"]["count_lattice"]
+    x, level = _levels(cont)
+    y, _ = _levels(latt)
+    sub = (x > 0) & (x < level)
+    assert sub.mean() > 0.05  # the continuous output has sub-count values (what the rule is for)
+    np.testing.assert_array_equal(y[~sub], x[~sub])  # everything else is untouched
+    lv = np.broadcast_to(level, x.shape)[sub]
+    assert np.all((y[sub] == 0) | np.isclose(y[sub], lv, rtol=1e-6))  # the rest lands on 0 or one count
+    assert (y[sub] == 0).mean() > 0.5  # most sub-count values are far below one count
 
 
 def test_prediction_is_deterministic(prediction: Path, release: Path, demo_data: Path, tmp_path: Path) -> None:

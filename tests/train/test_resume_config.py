@@ -37,6 +37,13 @@ def test_model_loss_and_seed_changes_are_conflicts() -> None:
     ]
 
 
+def test_a_run_written_before_a_setting_existed_had_its_default() -> None:
+    old = _cfg().model_dump(mode="json")
+    del old["model"]["prior_rank"], old["model"]["prior_basis_leave_one_out"]  # keys added after such runs
+    assert resume_conflicts(old, _cfg().model_dump(mode="json")) == []
+    assert resume_conflicts(old, _cfg(model__prior_rank=8).model_dump(mode="json")) == ["model.prior_rank: None -> 8"]
+
+
 def test_check_resume_reads_the_run_directory(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

@@ -109,6 +109,7 @@ class BiologicalMetricsCallback(pl.Callback):
     @torch.no_grad()
     def _predict_shard(self, pl_module, datamodule, plans: list) -> dict[int, np.ndarray]:
         """Predictions of this data-parallel rank's share of the groups (last stage only)."""
+        from bionemo_scale.data.count_lattice import put_on_lattice
         from bionemo_scale.predict import compose_shifts, composition_groups, group_conditions
 
         ps = _ps()
@@ -127,7 +128,8 @@ class BiologicalMetricsCallback(pl.Callback):
             rows = plan.ctrl_rows
             if n_sets * s > n:
                 rows = np.concatenate([rows, rng.choice(plan.ctrl_rows, n_sets * s - n)])
-            ctrl = torch.from_numpy(data.gather(rows)).view(n_sets, s, -1)
+            ctrl_cells = data.gather(rows)
+            ctrl = torch.from_numpy(ctrl_cells).view(n_sets, s, -1)
             # the same rule as `predict`: a combination is composed from its singles when asked
             singles = composition_groups(data, plan.group) if cfg.flow.combinations == "compose" else []
             preds = []
@@ -142,7 +144,10 @@ class BiologicalMetricsCallback(pl.Callback):
             if singles and pred is not None:
                 pred = compose_shifts(ctrl.to(preds[0].device), preds)
             if pred is not None and i < len(mine):
-                out[plan.group] = pred.reshape(n_sets * s, -1)[:n].float().cpu().numpy()
+                cells = pred.reshape(n_sets * s, -1)[:n].float().cpu().numpy()
+                if cfg.flow.count_lattice:  # what `predict` writes, so validation scores what users get
+                    cells = put_on_lattice(cells, ctrl_cells[:n], self.seed, plan.group)
+                out[plan.group] = cells
         return out
 
     def _forward(self, pl_module, ctrl: torch.Tensor, cond: dict[str, torch.Tensor], set_size: int, clamp: bool = True):

@@ -30,6 +30,7 @@ RESUMABLE_KEYS = (
     "trainer.val_check_interval",
     "trainer.limit_val_batches",
     "trainer.log_every_n_steps",
+    "flow.count_lattice",  # applied to predictions only, never to training
     "checkpoint.",
     "eval.",
 )
@@ -40,13 +41,18 @@ VOCAB_KEYS = ("model.n_genes", "model.n_parts", "model.n_contexts", "model.n_bat
 
 
 def resume_conflicts(old: dict[str, object], new: dict[str, object], ignore: tuple[str, ...] = ()) -> list[str]:
-    """`key: old -> new` for every setting that differs and that a resumed run may not change."""
+    """`key: old -> new` for every setting that differs and that a resumed run may not change.
+
+    A key the old config lacks was added to bionemo-scale after the run was written; every new
+    setting's default keeps the behaviour from before it existed, so the old run had the default.
+    """
     flat_old, flat_new = flatten_config(old), flatten_config(new)
+    defaults = flatten_config(ScaleConfig().model_dump(mode="json"))
     out = []
     for key in sorted(set(flat_old) | set(flat_new)):
         if key in ignore or any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
             continue
-        a, b = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
+        a, b = flat_old.get(key, defaults.get(key, "<unset>")), flat_new.get(key, "<unset>")
         if a != b:
             out.append(f"{key}: {a} -> {b}")
     return out

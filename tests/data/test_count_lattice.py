@@ -1,0 +1,129 @@
+"""The count lattice: sub-count predicted values become 0 or one count, with the expectation kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from bionemo_scale.cli import main
+from bionemo_scale.config import SynthConfig
+from bionemo_scale.data.count_lattice import one_count_level, put_on_lattice, sample_sub_count
+from bionemo_scale.data.synth import write_synthetic_dataset
+
+
+def test_one_count_level_is_the_smallest_nonzero_value() -> None:
+    cells = np.array([[0.0, 0.7, 2.0], [1.1, 0.0, 0.9], [0.0, 0.0, 0.0]])
+    # the empty cell takes the median level of the others (0.7 and 0.9)
+    np.testing.assert_allclose(one_count_level(cells), [0.7, 0.9, 0.8])
+    assert np.isnan(one_count_level(np.zeros((2, 3)))).all()
+    # the sparse path (files are CSR) agrees, empty rows included
+    import scipy.sparse as sp
+
+    np.testing.assert_allclose(one_count_level(sp.csr_matrix(cells)), [0.7, 0.9, 0.8])
+    np.testing.assert_allclose(one_count_level(sp.csr_matrix(cells[[2, 0, 2, 1]])), [0.8, 0.7, 0.8, 0.9])
+
+
+def test_sub_count_values_land_on_zero_or_one_count_and_the_rest_is_untouched() -> None:
+    rng = np.random.default_rng(0)
+    level = np.array([0.5, 1.0])
+    x = np.array([[0.0, 0.01, 0.3, 0.5, 2.0], [0.99, 1.0, 1e-6, 0.0, 3.0]], dtype=np.float32)
+    out = sample_sub_count(x, level, rng)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    sub = (x > 0) & (x < level[:, None])
+    assert np.all(np.isin(out[0][sub[0]], [0.0, 0.5])) and np.all(np.isin(out[1][sub[1]], [0.0, 1.0]))
+    np.testing.assert_array_equal(out[~sub], x[~sub])  # zeros and values at or above one count
+    assert not np.shares_memory(out, x)
+
+
+def test_the_expected_linear_expression_is_kept() -> None:
+    """Many draws of one sub-count value: the mean of expm1 matches expm1(x) within 4 standard errors."""
+    level, value, n = 0.6, 0.05, 200_000
+    x = np.full((n, 1), value)
+    out = sample_sub_count(x, np.full(n, level), np.random.default_rng(1))
+    p = np.expm1(value) / np.expm1(level)
+    se = np.expm1(level) * np.sqrt(p * (1 - p) / n)
+    assert abs(np.expm1(out).mean() - np.expm1(value)) < 4 * se
+    # and it is not a no-op: about p of the cells got one count, the rest 0
+    assert 0.5 * p < (out > 0).mean() < 1.5 * p
+
+
+def test_cells_without_a_known_level_are_left_alone() -> None:
+    x = np.array([[0.01, 0.2]])
+    np.testing.assert_array_equal(sample_sub_count(x, np.array([np.nan]), np.random.default_rng(0)), x)
+    with pytest.raises(ValueError, match="level"):
+        sample_sub_count(x, np.array([0.5, 0.5]), np.random.default_rng(0))
+
+
+def test_draws_depend_on_seed_and_group_only() -> None:
+    ctrl = np.tile([[0.0, 0.4, 1.0]], (50, 1))
+    pred = np.tile([[0.2, 0.1, 1.5]], (50, 1))
+    a, b = put_on_lattice(pred, ctrl, seed=3, group=7), put_on_lattice(pred, ctrl, seed=3, group=7)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, put_on_lattice(pred, ctrl, seed=3, group=8))
+    assert set(np.unique(a[:, :2])) <= {0.0, 0.4} and np.all(a[:, 2] == 1.5)
+
+
+# -- through the commands ---------------------------------------------------------------------
+SMALL = SynthConfig(
+    n_cells=3000, n_genes=60, n_programs=4, n_contexts=3, n_batches=1, n_perturbations=6, chunk_rows=900
+)
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("lattice")
+    write_synthetic_dataset(root / "ds", SMALL, progress=False)
+    split = root / "split.toml"
+    split.write_text('[fewshot.C0]\nval = []\ntest = ["P001", "P002"]\n')
+    return root / "ds", split
+
+
+def _baseline(screen, out: Path, *extra: str) -> ad.AnnData:
+    data, split = screen
+    rc = main(["-q", "baseline", "--method", "additive", "--data", str(data), "--split", str(split),
+               "--output", str(out), "--set-size", "16", *extra])  # fmt: skip
+    assert rc == 0
+    return ad.read_h5ad(out)
+
+
+def _levels(pred: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted cells [n, G], one-count level of each one's source control cell [n])."""
+    is_pred = pred.obs["is_prediction"].to_numpy()
+    X = pred.X.toarray()
+    rows = pred.obs["source_row"].to_numpy()
+    level_of = dict(zip(rows[~is_pred], one_count_level(X[~is_pred]), strict=True))
+    return X[is_pred], np.array([level_of[r] for r in rows[is_pred]])
+
+
+def test_baseline_with_the_lattice_has_no_sub_count_values(screen, tmp_path: Path) -> None:
+    plain = _baseline(screen, tmp_path / "plain" / "PRED.h5ad")
+    latt = _baseline(screen, tmp_path / "latt" / "PRED.h5ad", "--count-lattice")
+    x_plain, level = _levels(plain)
+    x_latt, _ = _levels(latt)
+    sub = (x_plain > 0) & (x_plain < level[:, None])
+    assert sub.mean() > 0.05, "the fixture must have sub-count values, or the test proves nothing"
+    assert not ((x_latt > 0) & (x_latt < level[:, None] - 1e-6)).any()
+    np.testing.assert_array_equal(x_latt[~sub], x_plain[~sub])
+    assert latt.uns["bionemo_scale"]["count_lattice"] and not plain.uns["bionemo_scale"]["count_lattice"]
+    # pseudobulk means move by sampling noise only
+    assert np.abs(np.expm1(x_latt).mean(0) - np.expm1(x_plain).mean(0)).max() < 0.2
+
+
+def test_ensemble_puts_the_mean_back_on_the_lattice(screen, tmp_path: Path) -> None:
+    a = tmp_path / "a" / "PRED.h5ad"
+    b = tmp_path / "b" / "PRED.h5ad"
+    _baseline(screen, a, "--count-lattice")
+    data, split = screen
+    assert main(["-q", "baseline", "--method", "context-mean", "--data", str(data), "--split", str(split),
+                 "--output", str(b), "--set-size", "16", "--count-lattice"]) == 0  # fmt: skip
+    out = tmp_path / "ens" / "PRED.h5ad"
+    assert main(["-q", "ensemble", str(a), str(b), "--output", str(out)]) == 0
+    x, level = _levels(ad.read_h5ad(out))
+    assert not ((x > 0) & (x < level[:, None] - 1e-6)).any()
+    mean, _ = _levels(ad.read_h5ad(a))
+    mean = (mean + _levels(ad.read_h5ad(b))[0]) / 2
+    keep = ~((mean > 0) & (mean < level[:, None]))
+    np.testing.assert_allclose(x[keep], mean[keep], rtol=1e-6, atol=1e-6)
