@@ -39,15 +39,29 @@ def test_sub_count_values_land_on_zero_or_one_count_and_the_rest_is_untouched() 
 
 
 def test_the_expected_linear_expression_is_kept() -> None:
-    """Many draws of one sub-count value: the mean of expm1 matches expm1(x) within 4 standard errors."""
+    """Many draws of one sub-count value: the mean of expm1 matches expm1(x) within 4 standard
+    errors, and the log-space mean shrinks (to L·expm1(x)/expm1(L), not x)."""
     level, value, n = 0.6, 0.05, 200_000
     x = np.full((n, 1), value)
     out = sample_sub_count(x, np.full(n, level), np.random.default_rng(1))
     p = np.expm1(value) / np.expm1(level)
     se = np.expm1(level) * np.sqrt(p * (1 - p) / n)
     assert abs(np.expm1(out).mean() - np.expm1(value)) < 4 * se
-    # and it is not a no-op: about p of the cells got one count, the rest 0
-    assert 0.5 * p < (out > 0).mean() < 1.5 * p
+    assert abs(out.mean() - level * p) < 4 * level * np.sqrt(p * (1 - p) / n) and out.mean() < 0.8 * value
+    assert set(np.unique(out)) == {0.0, level}
+
+
+def test_draws_are_positional() -> None:
+    """A changed value changes its own outcome only, not the draws of the values after it."""
+    level = np.full(40, 1.0)
+    x = np.full((40, 30), 0.5)
+    y = x.copy()
+    y[0, 0] = 2.0  # no longer sub-count
+    a = sample_sub_count(x, level, np.random.default_rng(5))
+    b = sample_sub_count(y, level, np.random.default_rng(5))
+    same = np.ones_like(x, dtype=bool)
+    same[0, 0] = False
+    np.testing.assert_array_equal(a[same], b[same])
 
 
 def test_cells_without_a_known_level_are_left_alone() -> None:
@@ -108,8 +122,30 @@ def test_baseline_with_the_lattice_has_no_sub_count_values(screen, tmp_path: Pat
     assert not ((x_latt > 0) & (x_latt < level[:, None] - 1e-6)).any()
     np.testing.assert_array_equal(x_latt[~sub], x_plain[~sub])
     assert latt.uns["bionemo_scale"]["count_lattice"] and not plain.uns["bionemo_scale"]["count_lattice"]
-    # pseudobulk means move by sampling noise only
+    # linear pseudobulk means move by sampling noise only
     assert np.abs(np.expm1(x_latt).mean(0) - np.expm1(x_plain).mean(0)).max() < 0.2
+
+
+def test_a_file_is_put_on_the_lattice_group_by_group(screen, tmp_path: Path) -> None:
+    """lattice_of_file: per-group draws (a group's result does not depend on the other groups),
+    and cells whose control is missing from the file take the controls' median level."""
+    from bionemo_scale.data.count_lattice import lattice_of_file
+
+    pred = _baseline(screen, tmp_path / "plain" / "PRED.h5ad")
+    full = lattice_of_file(pred, seed=0).toarray()
+    is_pred = pred.obs["is_prediction"].to_numpy()
+    first = pred.obs["perturbation"].astype(str).to_numpy() == "P001"
+    keep = (first & is_pred) | ~is_pred
+    alone = lattice_of_file(pred[keep].copy(), seed=0).toarray()
+    np.testing.assert_array_equal(alone[: (first & is_pred).sum()], full[first & is_pred])
+    _, level = _levels(pred)
+    assert not ((full[is_pred] > 0) & (full[is_pred] < level[:, None] - 1e-6)).any()
+    # a predicted cell whose control cell is not in the file still lands on a lattice
+    orphan = pred.copy()
+    orphan.obs["source_row"] = orphan.obs["source_row"].to_numpy() + np.where(is_pred, 10**9, 0)
+    out = lattice_of_file(orphan, seed=0).toarray()[is_pred]
+    median = np.median(one_count_level(pred.X[~is_pred]))
+    assert not ((out > 0) & (out < median - 1e-6)).any()
 
 
 def test_ensemble_puts_the_mean_back_on_the_lattice(screen, tmp_path: Path) -> None:

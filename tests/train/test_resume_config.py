@@ -42,6 +42,16 @@ def test_a_run_written_before_a_setting_existed_had_its_default() -> None:
     del old["model"]["prior_rank"], old["model"]["prior_basis_leave_one_out"]  # keys added after such runs
     assert resume_conflicts(old, _cfg().model_dump(mode="json")) == []
     assert resume_conflicts(old, _cfg(model__prior_rank=8).model_dump(mode="json")) == ["model.prior_rank: None -> 8"]
+    # a run with a rank but no leave-one-out key used the leave-one-out basis: not the default
+    ranked = _cfg(model__prior_rank=8).model_dump(mode="json")
+    del ranked["model"]["prior_basis_leave_one_out"]
+    assert resume_conflicts(ranked, _cfg(model__prior_rank=8).model_dump(mode="json")) == [
+        "model.prior_basis_leave_one_out: <unset> -> False"
+    ]
+    # a key whose default is not the old behaviour stays a conflict
+    no_term = _cfg().model_dump(mode="json")
+    del no_term["flow"]["pseudobulk_weight"]
+    assert resume_conflicts(no_term, _cfg().model_dump(mode="json")) == ["flow.pseudobulk_weight: <unset> -> 1.0"]
 
 
 def test_check_resume_reads_the_run_directory(tmp_path: Path) -> None:

@@ -264,7 +264,7 @@ class BiologicalMetricsCallback(pl.Callback):
 
         data = datamodule.data
         pred_X = np.concatenate([preds[p.group] for p in plans])
-        pred, real = build_anndata(data, plans, pred_X, kind="validation")
+        pred, real = build_anndata(data, plans, pred_X, kind="validation", lattice=datamodule.cfg.flow.count_lattice)
         labels = real.obs["perturbation"].astype(str).to_numpy()
         contexts = real.obs["context"].astype(str).to_numpy()
         frame = metrics_by_context(

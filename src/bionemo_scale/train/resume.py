@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,19 +41,35 @@ RESUMABLE_KEYS = (
 VOCAB_KEYS = ("model.n_genes", "model.n_parts", "model.n_contexts", "model.n_batches")
 
 
+# Settings added after runs were written, with when a config written before the key existed ran
+# exactly as the key's default does. Not every default reproduces the behaviour from before its
+# key (`model.additive_prior`: no prior at all before it; `flow.pseudobulk_weight`: no such term),
+# so only the keys listed here are filled in; any other missing key stays a conflict.
+ADDED_KEYS: dict[str, Callable[[dict[str, object]], bool]] = {
+    "model.prior_rank": lambda old: True,  # before it, the prior was never projected (= None)
+    # it matters only with a rank; runs with a rank but without this key (commits 575ba73..f7d0a7f)
+    # used the leave-one-out basis, not the default
+    "model.prior_basis_leave_one_out": lambda old: old.get("model.prior_rank") in (None, "None"),
+}
+
+
 def resume_conflicts(old: dict[str, object], new: dict[str, object], ignore: tuple[str, ...] = ()) -> list[str]:
     """`key: old -> new` for every setting that differs and that a resumed run may not change.
 
-    A key the old config lacks was added to bionemo-scale after the run was written; every new
-    setting's default keeps the behaviour from before it existed, so the old run had the default.
+    A key the old config lacks (the run predates it) counts as its default where `ADDED_KEYS`
+    says the old run behaved that way, and as `<unset>` (a conflict) everywhere else.
     """
     flat_old, flat_new = flatten_config(old), flatten_config(new)
     defaults = flatten_config(ScaleConfig().model_dump(mode="json"))
+    filled = {
+        k: defaults[k] for k, same in ADDED_KEYS.items() if k not in flat_old and k in defaults and same(flat_old)
+    }
+    flat_old = {**flat_old, **filled}
     out = []
     for key in sorted(set(flat_old) | set(flat_new)):
         if key in ignore or any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
             continue
-        a, b = flat_old.get(key, defaults.get(key, "<unset>")), flat_new.get(key, "<unset>")
+        a, b = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
         if a != b:
             out.append(f"{key}: {a} -> {b}")
     return out
