@@ -59,6 +59,7 @@ bench-quality: $(STAMP) $(BENCH_STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/quality.py --cases a --seeds 2
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/quality.py --cases b
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/quality.py --cases c
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/lattice_draws.py --case b --draws 10
 
 # Seed ensembles of SCALE (9 runs per case, split into commands under 30 minutes each).
 bench-ensemble: $(STAMP) $(BENCH_STAMP)

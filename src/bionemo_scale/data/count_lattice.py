@@ -13,8 +13,9 @@ genes (benchmarks/RESULTS_LOG.md, "Seventh round").
 probability expm1(x) / expm1(L), else to 0: the expected *linear* expression (the expected
 count) is unchanged. Values at or above one count are left alone. The expected log1p value of
 a sub-count x drops, from x to L·expm1(x)/expm1(L) (about 30% less at x = 0.05, L = log 2): a
-shrinkage of values below one count, which are mostly the decoder's noise. Keeping the log1p expectation instead (probability x / L) was tried and lost on
-the validation pairs of both benchmark cases (RESULTS_LOG.md, seventh round).
+shrinkage of values below one count, which are mostly the decoder's noise. Keeping the log1p
+expectation instead (probability x / L) was tried and did worse on the validation pairs of case
+a (RESULTS_LOG.md, seventh round).
 
 One count's level in a cell is read off the cell itself: its smallest nonzero value (with
 hundreds of genes, some gene has exactly one count; on a subset of genes, such as HVGs, it
