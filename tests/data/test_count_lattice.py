@@ -10,7 +10,7 @@ import pytest
 
 from bionemo_scale.cli import main
 from bionemo_scale.config import SynthConfig
-from bionemo_scale.data.count_lattice import one_count_level, put_on_lattice, sample_sub_count
+from bionemo_scale.data.count_lattice import one_count_level, put_on_lattice, sample_sub_count, source_levels
 from bionemo_scale.data.synth import write_synthetic_dataset
 
 
@@ -106,10 +106,17 @@ def _baseline(screen, out: Path, *extra: str) -> ad.AnnData:
 def _levels(pred: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
     """(predicted cells [n, G], one-count level of each one's source control cell [n])."""
     is_pred = pred.obs["is_prediction"].to_numpy()
-    X = pred.X.toarray()
+    return pred.X.toarray()[is_pred], source_levels(pred)
+
+
+def test_source_levels_are_the_source_control_cells_levels(screen, tmp_path: Path) -> None:
+    pred = _baseline(screen, tmp_path / "plain" / "PRED.h5ad")
+    is_pred = pred.obs["is_prediction"].to_numpy()
     rows = pred.obs["source_row"].to_numpy()
-    level_of = dict(zip(rows[~is_pred], one_count_level(X[~is_pred]), strict=True))
-    return X[is_pred], np.array([level_of[r] for r in rows[is_pred]])
+    X = pred.X.toarray()
+    by_hand = {r: X[~is_pred][i][X[~is_pred][i] > 0].min() for i, r in enumerate(rows[~is_pred])}
+    np.testing.assert_allclose(source_levels(pred), [by_hand[r] for r in rows[is_pred]], rtol=1e-6)
+    assert len(set(np.round(source_levels(pred), 6))) > 5  # cells differ: levels are per cell, not one constant
 
 
 def test_baseline_with_the_lattice_has_no_sub_count_values(screen, tmp_path: Path) -> None:

@@ -94,13 +94,10 @@ def test_prediction_format(prediction: Path, demo_data: Path) -> None:
 
 def _levels(pred: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
     """(predicted cells, one-count level [n, 1] of the control cell each came from)."""
-    from bionemo_scale.data.count_lattice import one_count_level
+    from bionemo_scale.data.count_lattice import source_levels
 
     is_pred = pred.obs["is_prediction"].to_numpy()
-    rows = pred.obs["source_row"].to_numpy()
-    X = pred.X.toarray()
-    level_of = dict(zip(rows[~is_pred], one_count_level(X[~is_pred]), strict=True))
-    return X[is_pred], np.array([level_of[r] for r in rows[is_pred]])[:, None]
+    return pred.X.toarray()[is_pred], source_levels(pred)[:, None]
 
 
 def _check_on_lattice(pred: ad.AnnData) -> None:

@@ -81,16 +81,11 @@ def _offline_metrics(metrics_dir: Path, step: int) -> pd.DataFrame:
 def _check_on_lattice(pred: ad.AnnData) -> None:
     """Validation predictions are what `predict` writes: every value 0 or at least one count of
     the control cell it came from (`flow.count_lattice`, on in the recipes)."""
-    from bionemo_scale.data.count_lattice import one_count_level
+    from bionemo_scale.data.count_lattice import source_levels
 
     assert pred.uns["bionemo_scale"]["count_lattice"]
-    is_pred = pred.obs["is_prediction"].to_numpy()
-    rows = pred.obs["source_row"].to_numpy()
-    X = pred.X.toarray()
-    level_of = dict(zip(rows[~is_pred], one_count_level(X[~is_pred]), strict=True))
-    level = np.array([level_of[r] for r in rows[is_pred]])[:, None]
-    x = X[is_pred]
-    assert not ((x > 0) & (x < level - 1e-6)).any() and (x > 0).any()
+    x = pred.X.toarray()[pred.obs["is_prediction"].to_numpy()]
+    assert not ((x > 0) & (x < source_levels(pred)[:, None] - 1e-6)).any() and (x > 0).any()
 
 
 def _check_callback(run: Path, steps: tuple[int, ...]) -> None:

@@ -99,33 +99,43 @@ def put_on_lattice(pred: np.ndarray, ctrl: np.ndarray, seed: int, group: int) ->
 GROUP_COLUMNS = ("context", "batch", "perturbation")
 
 
-def lattice_of_file(pred: ad.AnnData, seed: int) -> sp.csr_matrix:
-    """The X of a PRED.h5ad (predicted cells first, then real controls) with its predicted cells
-    put on the lattice: for files whose values are not (an ensemble's mean, another model's
-    predictions).
+def source_levels(pred: ad.AnnData) -> np.ndarray:
+    """[n_pred] the one-count level of each predicted cell of a PRED.h5ad: its source control cell's.
 
-    Each predicted cell takes the level of its source control cell, which the file holds among
-    its real controls (obs `source_row`); a cell whose control is not in the file takes the
-    controls' median level, with a warning. Draws are made group by group (context, batch,
-    perturbation), each from a generator fixed by the seed and the group's labels, and only one
-    group's cells are ever dense.
+    The file holds the predicted cells first, then the real controls, and each predicted cell
+    names its control in obs `source_row`. A cell whose control is not in the file takes the
+    controls' median level, with a warning.
     """
     is_pred = np.asarray(pred.obs["is_prediction"]).astype(bool)
     n_pred = int(is_pred.sum())
     if not is_pred[:n_pred].all():
         raise ValueError("the predicted cells of a PRED.h5ad must come first")
     rows = np.asarray(pred.obs["source_row"]).astype(np.int64)
-    X = sp.csr_matrix(pred.X)
-    ctrl_levels = one_count_level(X[n_pred:])
+    ctrl_levels = one_count_level(sp.csr_matrix(pred.X)[n_pred:])
     level_of = dict(zip(rows[n_pred:].tolist(), ctrl_levels.tolist(), strict=True))
-    fallback = float(np.nanmedian(ctrl_levels)) if np.isfinite(ctrl_levels).any() else np.nan
     level = np.array([level_of.get(r, np.nan) for r in rows[:n_pred].tolist()])
-    if np.isnan(level).any() and np.isfinite(fallback):
+    if np.isnan(level).any() and np.isfinite(ctrl_levels).any():
         logger.warning(
             "%d predicted cells have no source control cell in the file: they take the controls' median one-count level",
             int(np.isnan(level).sum()),
         )
-        level = np.where(np.isnan(level), fallback, level)
+        level = np.where(np.isnan(level), float(np.nanmedian(ctrl_levels)), level)
+    return level
+
+
+def lattice_of_file(pred: ad.AnnData, seed: int) -> sp.csr_matrix:
+    """The X of a PRED.h5ad (predicted cells first, then real controls) with its predicted cells
+    put on the lattice: for files whose values are not (an ensemble's mean, another model's
+    predictions).
+
+    Each predicted cell takes the level of its source control cell (`source_levels`). Draws are
+    made group by group (context, batch,
+    perturbation), each from a generator fixed by the seed and the group's labels, and only one
+    group's cells are ever dense.
+    """
+    level = source_levels(pred)
+    n_pred = level.size
+    X = sp.csr_matrix(pred.X)
     columns = [c for c in GROUP_COLUMNS if c in pred.obs]
     labels = pred.obs.iloc[:n_pred][columns].astype(str).agg("\t".join, axis=1).to_numpy() if columns else None
     order, blocks = [], []
