@@ -213,3 +213,39 @@ def test_additive_prior_is_the_starting_point_and_is_required(megatron_single) -
     # training targets the deviation from the prior: a perturbed set equal to control + prior is "no change"
     out = model(ctrl, torch.zeros(B), {**_cond(), "prior": prior}, ctrl + prior[:, None, :])
     torch.testing.assert_close(out.x1_rec - prior[:, None, :], model.decode(model.encode(ctrl)), atol=1e-5, rtol=1e-5)
+
+
+def test_half_precision_wrapper_leaves_cells_and_time_in_fp32(megatron_single) -> None:
+    """Under bf16, NeMo wraps the model in megatron's Float16Module, which casts the first stage's
+    positional tensor inputs to bf16. The training module passes them by keyword, so the cells
+    reach the gene residual unrounded and t reaches its sin/cos features (up to 1,000 rad) intact.
+    With a zero gene decoder the residual is exact: X̂1 = X0 to the last fp32 bit."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.module import Float16Module
+
+    from bionemo_scale.train.module import ScaleLightningModule
+
+    torch.manual_seed(0)
+    model, _ = tiny_model(params_dtype="bfloat16")
+    assert model.config.bf16
+    torch.nn.init.zeros_(model.gene_decoder.fc_out.weight)
+    seen: dict[str, torch.dtype] = {}
+
+    def record(module, args, kwargs) -> None:
+        bound = {**dict(zip(("ctrl", "t", "conditions", "pert"), args)), **kwargs}
+        seen.update({k: bound[k].dtype for k in ("ctrl", "t", "pert")}, positional=len(args))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    wrapped = SimpleNamespace(module=Float16Module(model.config, model))
+    g = torch.Generator().manual_seed(7)
+    ctrl = torch.rand(B, S, G, generator=g) * 3  # values that bf16 (8 mantissa bits) cannot hold
+    pert, t = torch.rand(B, S, G, generator=g), torch.rand(B, generator=g)
+    assert (ctrl.bfloat16().float() != ctrl).any()
+    out = ScaleLightningModule.forward(wrapped, ctrl, t, _cond(), pert)
+    assert seen == {"ctrl": torch.float32, "t": torch.float32, "pert": torch.float32, "positional": 0}
+    assert out.x1_hat.dtype == torch.float32
+    assert torch.equal(out.x1_hat, ctrl)
+    # the same call by position is what megatron rounds (why the keyword matters)
+    rounded = wrapped.module(ctrl, t, _cond(), pert)
+    assert seen["ctrl"] == torch.bfloat16 and not torch.equal(rounded.x1_hat, ctrl)

@@ -47,6 +47,15 @@ def read_losses(path: Path) -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
 
 
+def tb_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar a run logged to TensorBoard: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def train_args(data: Path, out: Path, steps: int, *extra: str, recipe: str = "tiny_cpu") -> list[str]:
     return ["train", "--recipe", recipe, "--data", str(data), "--split", str(SPLIT), "--output", str(out),
             f"trainer.max_steps={steps}", *FAST, *extra]  # fmt: skip

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.train.conftest import SPLIT, cli, read_losses, train_args
+from tests.train.conftest import SPLIT, cli, read_losses, tb_scalars, train_args
 
 pytestmark = [pytest.mark.slow]
 
@@ -269,17 +269,15 @@ def test_predict_with_a_gene_map(release: Path, demo_data: Path, tmp_path: Path)
     assert proc.returncode == 2 and "from several data genes" in proc.stderr
 
 
-FT = ["trainer.max_steps=8", "trainer.val_check_interval=8", "checkpoint.every_n_train_steps=8", "eval.enabled=false",
+FT = ["trainer.max_steps=8", "trainer.log_every_n_steps=1", "trainer.val_check_interval=8", "checkpoint.every_n_train_steps=8", "eval.enabled=false",
       "data.micro_batch_size=4", "data.global_batch_size=8", "optim.lr=0.002", "optim.warmup_steps=0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def finetune_reference(
-    release: Path, demo_data: Path, tmp_path_factory: pytest.TempPathFactory
-) -> list[tuple[int, float]]:
+def finetune_reference(release: Path, demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ft") / "ref"
     cli("finetune", "--from", str(release), "--data", str(demo_data), "--split", str(SPLIT), "--output", str(out), *FT)
-    return read_losses(out / "train_loss.csv")
+    return out
 
 
 @pytest.mark.distributed
@@ -291,14 +289,22 @@ def finetune_reference(
 def test_parallel_fine_tuning_matches_one_process(
     layout: list[str], release: Path, demo_data: Path, finetune_reference, tmp_path: Path
 ) -> None:
-    """PP=2 and DP=2 (2 gloo processes) start from the same release; their losses equal one process's."""
+    """PP=2 and DP=2 (2 gloo processes) start from the same release; their losses equal one
+    process's, the total and each logged term (with PP=2 the terms live on the last stage and
+    the logger on the first: they must be broadcast to be logged at all)."""
     out = tmp_path / "ft"
     cli("finetune", "--from", str(release), "--data", str(demo_data), "--split", str(SPLIT), "--output", str(out),
         *FT, "trainer.devices=2", *layout, nproc=2)  # fmt: skip
-    got = read_losses(out / "train_loss.csv")
-    assert [s for s, _ in got] == [s for s, _ in finetune_reference] == list(range(1, 9))
-    for (_, a), (_, b) in zip(finetune_reference, got, strict=True):
+    got, ref = read_losses(out / "train_loss.csv"), read_losses(finetune_reference / "train_loss.csv")
+    assert [s for s, _ in got] == [s for s, _ in ref] == list(range(1, 9))
+    for (_, a), (_, b) in zip(ref, got, strict=True):
         assert b == pytest.approx(a, rel=1e-4)
+    ref_terms, got_terms = tb_scalars(finetune_reference), tb_scalars(out)
+    for name in ("endpoint", "gene", "pseudobulk", "reconstruction", "distribution"):
+        ref_steps, ref_values = zip(*ref_terms[f"train/{name}"], strict=True)
+        got_steps, got_values = zip(*got_terms.get(f"train/{name}", [(None, None)]), strict=True)
+        assert got_steps == ref_steps and len(ref_steps) == 8, name
+        assert got_values == pytest.approx(ref_values, rel=1e-4), name
 
 
 def test_predict_from_the_best_checkpoint(base_run: Path, prediction: Path, demo_data: Path, tmp_path: Path) -> None:

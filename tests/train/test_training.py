@@ -13,17 +13,9 @@ import pandas as pd
 import pytest
 
 from tests._torchrun import REPO_ROOT, worker_env
-from tests.train.conftest import SPLIT, cli, kill_when, read_losses, train_args
+from tests.train.conftest import SPLIT, cli, kill_when, read_losses, tb_scalars, train_args
 
 pytestmark = [pytest.mark.slow]
-
-
-def _tb_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run / "tb"))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_run_directory_and_learning(base_run: Path) -> None:
@@ -42,7 +34,7 @@ def test_run_directory_and_learning(base_run: Path) -> None:
     _check_best_record(base_run)
     vocab = json.loads((base_run / "vocab.json").read_text())
     assert len(vocab["genes"]) == 500 and vocab["perturbations"][0] == "control"
-    scalars = _tb_scalars(base_run)
+    scalars = tb_scalars(base_run)
     assert "reduced_train_loss" in scalars and "val/pearson_delta" in scalars
 
 
@@ -89,7 +81,7 @@ def _check_on_lattice(pred: ad.AnnData) -> None:
 
 
 def _check_callback(run: Path, steps: tuple[int, ...]) -> None:
-    scalars = _tb_scalars(run)
+    scalars = tb_scalars(run)
     _check_on_lattice(ad.read_h5ad(run / "metrics" / f"val_step{steps[-1]:07d}_pred.h5ad"))
     for step in steps:
         logged = pd.read_csv(run / "metrics" / f"val_step{step:07d}.csv")
@@ -183,6 +175,23 @@ def test_resuming_with_other_settings_is_refused(demo_data: Path, base_run: Path
     assert len(lines) == 1 and "flow.pseudobulk_weight: 1.0 -> 3.0" in lines[0], proc.stderr[-3000:]
     assert "new --output" in lines[0]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_training_a_finished_run_again_changes_nothing(demo_data: Path, base_run: Path, tmp_path: Path) -> None:
+    """`train` on a run that already reached max_steps trains nothing and rewrites nothing, even
+    with other resumable settings: config.yaml stays the record of what trained the checkpoints."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(base_run, run)
+    before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    proc = cli(*train_args(demo_data, run, 30, "eval.enabled=false", "flow.count_lattice=false"), timeout=120)
+    assert "already holds 30 trained steps (trainer.max_steps=30): nothing to train" in proc.stderr, proc.stderr[-3000:]
+    after = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert after == before
+    from bionemo_scale.train.release import trained_steps
+
+    assert trained_steps(run) == 30 and trained_steps(tmp_path / "nothing") is None
 
 
 def test_resuming_after_the_split_was_edited_is_refused(demo_data: Path, base_run: Path, tmp_path: Path) -> None:

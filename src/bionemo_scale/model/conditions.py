@@ -105,7 +105,7 @@ class ConditionTokens(MegatronModule):
             self.time_mlp(sinusoidal_features(t, TIME_FEATURES).to(self.type_emb.dtype)),
         ]
         if self.stats is not None:
-            summary = set_mean_std(ctrl)  # [B, 2G]
-            tokens.append(self.stats(summary))
+            summary = set_mean_std(ctrl.float())  # [B, 2G], in fp32 whatever the model's dtype
+            tokens.append(self.stats(summary.to(self.type_emb.dtype)))
         stacked = torch.stack(tokens, dim=0)  # [T, B, H]
         return stacked + self.type_emb.unsqueeze(1)

@@ -120,7 +120,7 @@ class ScaleModel(MegatronModule):
     def _condition_tokens(self, batch: dict[str, torch.Tensor], ctrl: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self._check_ids(batch)
         return self.conditions(
-            ctrl=ctrl.to(self.config.params_dtype),
+            ctrl=ctrl,
             parts=batch["parts"],
             dose=batch["dose"],
             context_id=batch["context_id"],

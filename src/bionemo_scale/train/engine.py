@@ -349,6 +349,8 @@ def train(
         raise ScaleError("model.spec=te needs Transformer Engine on a GPU", "use model.spec=local on CPU")
     cfg, vocab = prepare_run(cfg, run_dir, gene_map)
     check_resume(cfg, run_dir)
+    if _already_trained(cfg, run_dir):
+        return run_dir
     pl.seed_everything(cfg.trainer.seed, workers=True)
     torch.use_deterministic_algorithms(cfg.trainer.deterministic, warn_only=True)
 
@@ -392,6 +394,26 @@ def train(
             f"delete {ckpt} to resume from the checkpoint before it, or train into a new --output directory",
         ) from None
     return run_dir
+
+
+def _already_trained(cfg: ScaleConfig, run_dir: Path) -> bool:
+    """A run whose last checkpoint has reached trainer.max_steps has nothing left to train.
+
+    Its files are then left alone: config.yaml records the settings that trained the
+    checkpoints, and a resume that trains nothing must not rewrite that record (with, say,
+    other eval.* settings, or keys added to the config since the run was written).
+    """
+    from bionemo_scale.train.release import trained_steps
+
+    done = trained_steps(run_dir) if (run_dir / "config.yaml").is_file() else None
+    if done is None or done < cfg.trainer.max_steps:
+        return False
+    logger.warning(
+        "%s already holds %d trained steps (trainer.max_steps=%d): nothing to train, its files are left as they are; "
+        "raise trainer.max_steps to continue it",
+        run_dir, done, cfg.trainer.max_steps,
+    )  # fmt: skip
+    return True
 
 
 def _first_of(exc: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:

@@ -105,7 +105,11 @@ class ScaleLightningModule(pl.LightningModule):
         conditions: dict[str, torch.Tensor],
         pert: torch.Tensor | None = None,
     ) -> ScaleOutput | torch.Tensor:
-        return self.module(ctrl, t, conditions, pert)
+        # By keyword, not position: with bf16/fp16, megatron's Float16Module casts the first
+        # stage's *positional* tensor inputs to half precision. The cells feed the gene residual
+        # (X0 + dec(Ẑ1) − dec(Z0)) and t feeds sin/cos features at up to 1,000 rad, so both
+        # must stay fp32; the model casts what its layers need itself.
+        return self.module(ctrl=ctrl, t=t, conditions=conditions, pert=pert)
 
     # -- NeMo hooks ----------------------------------------------------------------------------
     def data_step(self, dataloader_iter: Iterator) -> dict[str, torch.Tensor]:
@@ -151,8 +155,10 @@ class ScaleLightningModule(pl.LightningModule):
         return self._val_reduction
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        terms = self._train_reduction.last_terms
-        if terms and parallel_state.is_pipeline_last_stage():
+        terms = self._train_reduction.last_terms if parallel_state.is_pipeline_last_stage() else {}
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            terms = _terms_from_last_stage(terms)
+        if terms:
             for name in TERM_NAMES:
                 self.log(f"train/{name}", terms[name], batch_size=1, rank_zero_only=True)
 
@@ -163,3 +169,24 @@ class ScaleLightningModule(pl.LightningModule):
         while not isinstance(module, ScaleModel) and hasattr(module, "module"):
             module = module.module
         return module
+
+
+def _terms_from_last_stage(terms: dict[str, float]) -> dict[str, float]:
+    """The last pipeline stage's per-term losses, on every stage of its pipeline.
+
+    Only the last stage computes the loss, but the logger writes on global rank 0, which is a
+    first stage when PP > 1: without this broadcast the `train/*` terms were never logged there
+    (NeMo broadcasts only the total loss). Every stage calls it once per step, so it is collective.
+    """
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    vec = torch.zeros(1 + len(TERM_NAMES), dtype=torch.float64, device=device)
+    if terms:
+        vec[0] = 1.0  # "valid": a step with no microbatches leaves the terms unset
+        vec[1:] = torch.tensor([terms[name] for name in TERM_NAMES], dtype=torch.float64)
+    torch.distributed.broadcast(
+        vec,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    values = vec.tolist()
+    return dict(zip(TERM_NAMES, values[1:], strict=True)) if values[0] else {}

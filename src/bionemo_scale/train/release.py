@@ -37,6 +37,20 @@ MODEL_PREFIX = "module."
 
 
 # -- run checkpoints ---------------------------------------------------------------------------
+def checkpoint_step(ckpt_dir: Path) -> int:
+    """The `step=N` of a checkpoint directory's name (-1 without one): N + 1 steps were trained."""
+    part = next((p for p in ckpt_dir.name.split("-") if p.startswith("step=")), "step=-1")
+    return int(part.split("=")[1])
+
+
+def trained_steps(run_dir: str | Path) -> int | None:
+    """How many steps a run's last finished checkpoint holds; None when it has none."""
+    try:
+        return checkpoint_step(find_checkpoint(run_dir, "last").parent) + 1
+    except ScaleError:
+        return None
+
+
 def find_checkpoint(run_dir: str | Path, which: str = "last") -> Path:
     """The `weights` directory of a run's last (or best-by-monitor) distributed checkpoint."""
     ckpt_root = Path(run_dir) / "checkpoints"
@@ -49,13 +63,9 @@ def find_checkpoint(run_dir: str | Path, which: str = "last") -> Path:
             f"{ckpt_root} holds no finished checkpoint", "train longer than checkpoint.every_n_train_steps"
         )
 
-    def step(d: Path) -> int:
-        part = next((p for p in d.name.split("-") if p.startswith("step=")), "step=-1")
-        return int(part.split("=")[1])
-
     if which == "last":
         last = [d for d in done if d.name.endswith("-last")] or done
-        return max(last, key=step) / "weights"
+        return max(last, key=checkpoint_step) / "weights"
     best = [d for d in done if not d.name.endswith("-last")]
     recorded = _recorded_best(ckpt_root)
     if recorded is not None and recorded in {d.name for d in best}:
