@@ -16,6 +16,8 @@ What is timed (no data loading: both models read the same pre-drawn set pairs fr
 - inference: S·B predicted cells per call, eval mode, no grad. Ours: `predict(..., steps=K)`
   at NFE K = 1 and 10 (Euler). STATE: `forward(batch)` (one evaluation; STATE has no NFE
   knob, so NFE = 1 only, and its `predict_step` would add an unused gene decoder; not timed).
+  Ours also at NFE = 1 plus the count lattice (`put_on_lattice` on the predicted cells, as
+  `predict` applies it with flow.count_lattice): its ratio to NFE = 1 alone is what the lattice costs.
 
 Both models: hidden 256, 4 layers, 8 heads (head dim 32), SwiGLU/LLaMA MLP 1024 = 4×hidden
 (STATE's configs use 4×hidden: state.yaml 768→3072, state_sm.yaml 672→2688), set S=64,
@@ -216,17 +218,27 @@ def ours_worker(spec: dict[str, Any]) -> None:
         model.train()
         return time_iterations(train_step, iters, warmup)
 
-    def infer(iters: int, warmup: int, nfe: int) -> dict[str, Any]:
+    from bionemo_scale.data.count_lattice import put_on_lattice
+
+    ctrl_cells = [b["ctrl"].reshape(-1, b["ctrl"].shape[-1]).numpy() for b in batches]
+
+    def infer(iters: int, warmup: int, nfe: int, lattice: bool = False) -> dict[str, Any]:
+        """`lattice`: also put the predicted cells on their controls' count lattice, as `predict` does."""
         model.eval()
 
         def call(i: int) -> None:
             b = batches[i % len(batches)]
-            model.predict(b["ctrl"], conditions_of(b), steps=nfe)
+            pred = model.predict(b["ctrl"], conditions_of(b), steps=nfe)
+            if lattice:
+                put_on_lattice(pred.reshape(-1, pred.shape[-1]).numpy(), ctrl_cells[i % len(batches)], spec["seed"], i)
 
         with torch.no_grad():
             res = time_iterations(call, iters, warmup)
         model.train()
         return res
+
+    def infer_lattice(iters: int, warmup: int, nfe: int) -> dict[str, Any]:
+        return infer(iters, warmup, nfe, lattice=True)
 
     n_params = sum(p.numel() for p in model.parameters())
     n_block = sum(p.numel() for p in model.decoder.parameters())
@@ -240,14 +252,18 @@ def ours_worker(spec: dict[str, Any]) -> None:
         "setup_s": time.perf_counter() - t0,
         "versions": versions(("torch", "megatron-core", "numpy", "bionemo-scale")),
     }
-    serve(ready, {"train": train, "infer": infer})
+    serve(ready, {"train": train, "infer": infer, "infer_lattice": infer_lattice})
 
 
 # -- the comparison ----------------------------------------------------------------------------
-OPS = [("train", None), ("infer", 1), ("infer", 10)]
+# infer_lattice: ours' NFE=1 inference plus the count lattice that `predict` applies (flow.count_lattice)
+OPS = [("train", None), ("infer", 1), ("infer_lattice", 1), ("infer", 10)]
+LATTICE_LABEL = "inference NFE=1 + count lattice"
 
 
 def op_label(op: str, nfe: int | None) -> str:
+    if op == "infer_lattice":
+        return LATTICE_LABEL
     return "train (fwd+bwd+opt)" if op == "train" else f"inference NFE={nfe}"
 
 
@@ -303,10 +319,10 @@ def compare(
             order = ["ours", "STATE"] if r % 2 == 0 else ["STATE", "ours"]
             for op, nfe in ops:
                 for name in order:
-                    if name == "STATE" and op == "infer" and nfe != 1:
-                        continue  # STATE has one forward evaluation only
+                    if name == "STATE" and ((op == "infer" and nfe != 1) or op == "infer_lattice"):
+                        continue  # STATE has one forward evaluation only, and no count lattice
                     req: dict[str, Any] = {"op": op, "iters": iters, "warmup": warmup if r == 0 else 1}
-                    if op == "infer":
+                    if op != "train":
                         req["nfe"] = nfe
                     res = workers[name].request(**req)
                     res["repeat"] = r
@@ -374,6 +390,28 @@ def summarise(run: dict[str, Any], sizes: dict[str, int]) -> list[dict[str, Any]
     return rows
 
 
+def lattice_overhead(rows: list[dict[str, Any]]) -> str:
+    """What the count lattice costs in `predict`: ours NFE=1 with it ÷ without it, same run."""
+    by_key = {(r["genes"], r["threads"], r["measurement"]): r for r in rows if r["model"] == "ours"}
+    lines = []
+    for (genes, threads, label), r in by_key.items():
+        base = by_key.get((genes, threads, op_label("infer", 1)))
+        if label != LATTICE_LABEL or base is None:
+            continue
+        ratio = r["cells_per_s"]["median"] / base["cells_per_s"]["median"]
+        pairs = [a / b for a, b in zip(r["per_repeat_cells_per_s"], base["per_repeat_cells_per_s"], strict=False)]
+        iqr = Summary.of(pairs)
+        lines.append(
+            f"- G={genes}, {threads} threads: NFE=1 with the count lattice runs at {ratio:.2f}x the cells/s of NFE=1 "
+            f"without it (paired-ratio IQR {iqr.q25:.2f}–{iqr.q75:.2f})"
+        )
+    return (
+        ("\n\nCount lattice (what `predict` adds to the model's output):\n\n" + "\n".join(lines) + "\n")
+        if lines
+        else ""
+    )
+
+
 def report(results: list[dict[str, Any]], rows: list[dict[str, Any]], args: argparse.Namespace, meta: dict) -> str:
     headers = [
         "G",
@@ -395,7 +433,7 @@ def report(results: list[dict[str, Any]], rows: list[dict[str, Any]], args: argp
         ratio = fmt_ratio(r.get("ratio_cells_per_s")) if r["model"] == "ours" else ""
         pr = r.get("paired_ratio_cells_per_s")
         ratio_iqr = f"{pr['q25']:.2f}–{pr['q75']:.2f}" if pr else ""
-        if r["model"] == "ours" and r["measurement"] == op_label("infer", 10):
+        if r["model"] == "ours" and r["measurement"] in (op_label("infer", 10), LATTICE_LABEL):
             ratio += " (vs STATE NFE=1)"
         body.append(
             [
@@ -414,6 +452,7 @@ def report(results: list[dict[str, Any]], rows: list[dict[str, Any]], args: argp
             ]
         )
     table = markdown_table(headers, body)
+    table += lattice_overhead(rows)
     params = []
     for res in results:
         o, st = res["ready"]["ours"], res["ready"]["STATE"]
@@ -486,7 +525,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     load0 = machine_load()
     sizes = model_sizes(args)
-    ops = [o for o in OPS if (o[0] == "train" and not args.infer_only) or (o[0] == "infer" and o[1] in args.nfe)]
+    ops = [o for o in OPS if (o[0] == "train" and not args.infer_only) or (o[0] != "train" and o[1] in args.nfe)]
     results = []
     for genes in args.genes:
         inputs = prepare_inputs(genes, out / "cache", sizes, args.input_batches, args.seed)
