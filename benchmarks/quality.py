@@ -387,12 +387,31 @@ def run_case(case: str, args: argparse.Namespace) -> None:
         + f" (seeds {', '.join(map(str, seeds))}; SCALE overrides chosen on val: "
         + (", ".join(f"`{o}`" for o in settings.split()) or "none") + ")"
         + f"\n\nNoise ceiling: PDCorr between two random halves of the real cells = {replicate_pdcorr(real):.3f}."
+        + f" {machine_line()}"
     )  # fmt: skip
     frame.to_csv(out / "rows.csv", index=False)
     (out / "quality.md").write_text(text + "\n")
     if len(check_frame):
         check_frame.to_csv(out / "cell_eval_crosscheck.csv", index=False)
     plot(agg, case, args.out / f"quality_case_{case}.png")
+
+
+def machine_line() -> str:
+    """Where the figures were measured: on one machine reruns are bit-identical, but the same code,
+    data and seeds gave other val figures in an earlier session (RESULTS_LOG, eighth round), so the
+    host's floating-point kernels are part of the record."""
+    import os
+    import platform
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    return (
+        f"Measured {time.strftime('%Y-%m-%d')} on {cpu or 'an unknown CPU'} ({os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} CPU kernels {torch.backends.cpu.get_cpu_capability()})."
+    )
 
 
 def merge_seeds(
