@@ -51,7 +51,7 @@ $(BENCH_STAMP): benchmarks/requirements-bench.txt benchmarks/constraints-bench.t
 bench-venv: $(BENCH_STAMP)
 
 # Heavy: each benchmark runs for up to ~30 minutes on 2 cores; outputs go to bench_out/.
-bench: bench-quality bench-ensemble bench-throughput bench-data
+bench: bench-quality bench-ensemble bench-data bench-throughput  # bench-data writes the 1M-cell inputs throughput reads
 
 # each command under 30 minutes here (case a's seeds split in two); quality.md combines what has run
 bench-quality: $(STAMP) $(BENCH_STAMP)

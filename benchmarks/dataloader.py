@@ -668,8 +668,11 @@ def main_parent(args: argparse.Namespace) -> None:
         cl_dir = cache / case.key / "cell_load"
         p["preprocess_s"] = ensure_processed(case, processed)
         p["cell_load_inputs_s"] = ensure_cell_load_inputs(
-            case, processed, cl_dir, with_hvg="cell-load X_hvg" in args.cell_load_variants
+            case, processed, cl_dir, with_hvg=args.prepare_only or "cell-load X_hvg" in args.cell_load_variants
         )
+        if args.prepare_only:
+            logger.info("prepared %s: %s and %s (both cell-load layouts)", case.title, processed, cl_dir)
+            continue
         p["ours_input_bytes"] = dir_size(processed / "scdl")
         p["cell_load_input_bytes"] = dir_size(cl_dir)
         prep_s[case.title] = p
@@ -680,6 +683,8 @@ def main_parent(args: argparse.Namespace) -> None:
                 if run.error is None:
                     run_loader(ls, case, out, run, round_)
         runs += case_runs
+    if args.prepare_only:
+        return
     meta = {
         "args": vars(args),
         "versions": versions(),
@@ -737,6 +742,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="smoke test (< 60 s): bundled Norman data, few batches, only cell-load's default variant",
     )
     ap.add_argument("--out", default=str(REPO / "bench_out" / "dataloader"))
+    ap.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="write the cases' inputs (ours and both cell-load layouts, X and X_hvg) into --out/cache and stop: "
+        "what throughput.py reads",
+    )
     ap.add_argument(
         "--cases",
         nargs="+",

@@ -9,8 +9,9 @@ Parts (each can be run alone with --parts):
   loader) in three variants: STATE's data defaults (X, output_space=all), the obsm['X_hvg']
   layout `state tx train` uses below, and `use_consecutive_loading`. Same approach as
   benchmarks/dataloader.py, on its cached inputs (the 1M-cell synthetic screen in full mode,
-  the bundled Norman data with --quick; `dataloader.py --quick` is run first, into our own
-  output folder, when no cache exists). One thread per loader, warm page cache, interleaved.
+  the bundled Norman data with --quick or without that cache; `dataloader.py --quick
+  --prepare-only` writes its inputs first, into our own output folder, when none exist).
+  One thread per loader, warm page cache, interleaved.
 - train: end-to-end training cells/s, data loading included, equal model size (hidden 256,
   4 layers, 8 heads, MLP 1024, S=64, 8 sets per step), same data, 2 torch threads each:
     ours (plain loop):  our loader + ScaleModel step in a plain torch loop (= model_step.py's step)
@@ -142,8 +143,11 @@ def resolve_case(quick: bool, out: Path) -> Case:
             own = out / "dataloader_quick"
             norman = own / "cache" / "norman19_mcfaline23"
             if not _case_ok(norman):
-                logger.info("preparing the Norman inputs with `dataloader.py --quick --out %s`", own)
-                subprocess.run([sys.executable, str(DATALOADER), "--quick", "--out", str(own)], check=True, cwd=REPO)
+                # --prepare-only writes both cell-load layouts: `state tx train` reads X_hvg, which
+                # a plain --quick run (timing cell-load's default layout only) would not write.
+                logger.info("preparing the Norman inputs with `dataloader.py --quick --prepare-only --out %s`", own)
+                cmd = [sys.executable, str(DATALOADER), "--quick", "--prepare-only", "--out", str(own)]
+                subprocess.run(cmd, check=True, cwd=REPO)
         from bionemo_scale.data.bundled import bundled
 
         spec = bundled("norman19_mcfaline23")

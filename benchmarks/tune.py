@@ -62,8 +62,12 @@ def main() -> None:
         else:
             wall = 0.0
             runs = [(m, m, []) for m in ("additive", "context-mean", "control")]
+            runs.append(("additive-centred", "additive", ["--center-controls"]))
             if args.prior_rank:
                 runs.append(("additive-lowrank", "additive", ["--prior-rank", args.prior_rank]))
+                runs.append(
+                    ("additive-lowrank-centred", "additive", ["--prior-rank", args.prior_rank, "--center-controls"])
+                )
             for name, m, extra in runs:
                 sh([*CLI, "baseline", "--method", m, "--data", str(data), "--split", str(split), "--subset", "val",
                     "--output", str(base / name / "PRED.h5ad"), "--overwrite", *extra], base.with_suffix(f".{name}.log"))  # fmt: skip

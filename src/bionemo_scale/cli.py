@@ -119,6 +119,7 @@ def _prior_rank_arg(value: str) -> int | str:
 
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
+    from bionemo_scale.data.control_means import GroupControlMeans
     from bionemo_scale.data.store import ProcessedDataset
     from bionemo_scale.eval.baselines import make_baseline
     from bionemo_scale.predict import build_anndata, held_out_groups, plan_predictions, run_predictor, write_predictions
@@ -131,11 +132,14 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     _check_prediction_output(args)
     data = ProcessedDataset(args.data)
     groups = held_out_groups(data, args.split, args.subset)
-    predictor = make_baseline(args.method, data, data.split_labels(args.split), prior_rank=args.prior_rank)
+    labels = data.split_labels(args.split)
+    predictor = make_baseline(args.method, data, labels, prior_rank=args.prior_rank, center=args.center_controls)
     plans = plan_predictions(data, groups, args.seed)
+    control_means = GroupControlMeans(data) if args.center_controls else None
     pred_X = run_predictor(
-        data, plans, predictor, args.set_size, args.seed, progress=not args.quiet, lattice=args.count_lattice
-    )
+        data, plans, predictor, args.set_size, args.seed, progress=not args.quiet, lattice=args.count_lattice,
+        control_means=control_means,
+    )  # fmt: skip
     pred, real = build_anndata(data, plans, pred_X, kind=f"baseline:{args.method}", lattice=args.count_lattice)
     real_path = write_predictions(pred, real, Path(args.output), overwrite=args.overwrite)
     print(f"wrote {args.output} ({pred.n_obs:,} cells, {len(groups)} held-out groups) and {real_path}")
@@ -301,6 +305,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from bionemo_scale.data.control_means import GroupControlMeans
     from bionemo_scale.data.prior import GroupPriors
     from bionemo_scale.data.store import ProcessedDataset
     from bionemo_scale.predict import (
@@ -329,12 +334,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     priors = GroupPriors(prior, data, cover=cfg.model.prior_cover) if prior is not None else None
     predictor = model_predictor(model, VocabularyMap(vocab, data), steps=args.steps or cfg.flow.inference_steps)
     set_size = cfg.data.sampler.set_size
-    plans = plan_predictions(data, groups, args.seed, cfg.data.sampler.control_matching)
+    matching = cfg.data.sampler.control_matching
+    control_means = GroupControlMeans(data, matching) if cfg.model.center_controls else None
+    plans = plan_predictions(data, groups, args.seed, matching)
     compose = (args.combinations or cfg.flow.combinations) == "compose"
     lattice = cfg.flow.count_lattice if args.count_lattice is None else args.count_lattice
     pred_X = run_predictor(
         data, plans, predictor, set_size, args.seed, progress=not args.quiet, priors=priors, compose=compose,
-        lattice=lattice,
+        lattice=lattice, control_means=control_means,
     )  # fmt: skip
     pred, real = build_anndata(data, plans, pred_X, kind=f"scale:{args.checkpoint}", lattice=lattice)
     real_path = write_predictions(pred, real, Path(args.output), overwrite=args.overwrite)
@@ -590,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--count-lattice",
         action="store_true",
         help="sample values below one count to 0 or one count, as SCALE's predict does (off: the textbook baseline)",
+    )
+    p.add_argument(
+        "--center-controls",
+        action="store_true",
+        help="move each control set onto its pool's mean before adding the shift, as model.center_controls does "
+        "(off: the textbook baseline, which carries the sampled cells' mean deviation)",
     )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_cmd_baseline)

@@ -192,6 +192,11 @@ class ScaleModelConfig(StrictModel):
     # parameterisation
     latent_residual: bool = Field(True, description="endpoint = z_t + (1 - t) · head(h)")
     gene_residual: bool = Field(True, description="decoded cell = x0 + dec(ẑ1) − dec(z0), keeping control detail")
+    center_controls: bool = Field(
+        False,
+        description="with gene_residual: move each control set onto its pool's mean before the residual, so "
+        "the sampled cells' mean deviation does not become predicted shift (data/control_means.py)",
+    )
     # vocabulary (filled from the data at train time; a checkpoint stores them)
     n_genes: int = Field(0, ge=0)
     n_parts: int = Field(0, ge=0)
@@ -214,6 +219,12 @@ class ScaleModelConfig(StrictModel):
         if not ok:
             raise ValueError(f"must be a positive integer, 'auto' or null (0 also means off), not {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _centring_needs_residual(self) -> ScaleModelConfig:
+        if self.center_controls and not self.gene_residual:
+            raise ValueError("center_controls moves the gene residual's control cells: it needs gene_residual=true")
+        return self
 
 
 class FlowConfig(StrictModel):

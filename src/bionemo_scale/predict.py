@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from bionemo_scale.atomic import atomic_file, check_output_free
 from bionemo_scale.config import SamplerConfig
+from bionemo_scale.data.control_means import GroupControlMeans, center_sets, group_targets
 from bionemo_scale.data.count_lattice import put_on_lattice
 from bionemo_scale.data.prior import GroupPriors
 from bionemo_scale.data.sampler import SetPairDataset, draw_positions
@@ -63,9 +64,13 @@ def plan_predictions(
 
 
 def group_conditions(
-    data: ProcessedDataset, group: int, n_sets: int, priors: GroupPriors | None = None
+    data: ProcessedDataset,
+    group: int,
+    n_sets: int,
+    priors: GroupPriors | None = None,
+    control_means: GroupControlMeans | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Condition tensors for `n_sets` sets of one group (with its additive prior when given)."""
+    """Condition tensors for `n_sets` sets of one group (with its prior and pool mean when given)."""
     g = data.index.groups
     pert = int(g.at[group, "pert_id"])
     parts = torch.from_numpy(data.index.parts_matrix()[pert]).expand(n_sets, -1).contiguous()
@@ -73,6 +78,8 @@ def group_conditions(
     extra = {} if priors is None else {"prior": torch.from_numpy(priors(group)).expand(n_sets, -1).contiguous()}
     if priors is not None:
         parts = priors.uncover(torch.full((n_sets,), group, dtype=torch.long), parts)
+    if control_means is not None:
+        extra["control_mean"] = torch.from_numpy(control_means(group)).expand(n_sets, -1).contiguous()
     return extra | {
         "parts": parts,
         "dose": full(float(g.at[group, "dose"]), torch.float32),
@@ -106,10 +113,24 @@ def composition_groups(data: ProcessedDataset, group: int) -> list[int]:
     return out
 
 
-def compose_shifts(ctrl: torch.Tensor, single_preds: list[torch.Tensor]) -> torch.Tensor:
-    """Control cells plus the sum of each single prediction's shift from them (log-expression ≥ 0)."""
-    shift = torch.stack([p.float() - ctrl.float() for p in single_preds]).sum(dim=0)
-    return (ctrl.float() + shift).clamp_min(0.0)
+def centred_group(conditions: dict[str, torch.Tensor], ctrl: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """Conditions whose `control_mean` (when present) centres the group's n cells as one sample."""
+    if "control_mean" not in conditions:
+        return conditions
+    return conditions | {"control_mean": group_targets(ctrl, n, conditions["control_mean"])}
+
+
+def compose_shifts(
+    ctrl: torch.Tensor, single_preds: list[torch.Tensor], control_mean: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Control cells plus the sum of each single prediction's shift from them (log-expression ≥ 0).
+
+    With `control_mean` the singles were predicted from centred sets (`model.center_controls`):
+    their shifts are taken from, and summed onto, the centred cells, so the centring counts once.
+    """
+    base = ctrl.float() if control_mean is None else center_sets(ctrl, control_mean.to(ctrl.device))
+    shift = torch.stack([p.float() - base for p in single_preds]).sum(dim=0)
+    return (base + shift).clamp_min(0.0)
 
 
 def run_predictor(
@@ -122,13 +143,15 @@ def run_predictor(
     priors: GroupPriors | None = None,
     compose: bool = False,
     lattice: bool = False,
+    control_means: GroupControlMeans | None = None,
 ) -> np.ndarray:
     """Predicted expression for every planned cell, in plan order: [sum n_g, G].
 
     With `compose`, a combination whose parts all have single-part groups in its context is
     predicted as the sum of the predicted single shifts on the same control sets (`flow.combinations`).
     With `lattice`, values below one count are sampled to 0 or one count of the control cell
-    they were predicted from (`data.count_lattice`, `flow.count_lattice`).
+    they were predicted from (`data.count_lattice`, `flow.count_lattice`). `control_means` gives
+    every set its pool's mean (`model.center_controls`, `baseline --center-controls`).
     """
     out = []
     for plan in tqdm(plans, desc="predict", unit="pair", disable=not progress):
@@ -141,12 +164,16 @@ def run_predictor(
         ctrl_cells = data.gather(rows)
         ctrl = torch.from_numpy(ctrl_cells).view(n_sets, set_size, -1)
         singles = composition_groups(data, plan.group) if compose else []
+        target = centred_group(group_conditions(data, plan.group, n_sets, priors, control_means), ctrl, n)
         if singles:
-            # unclamped single predictions: clamping each before the sum would bias zeros upward
+            # unclamped single predictions: clamping each before the sum would bias zeros upward;
+            # the cells are this group's, so every single is centred on this group's pool
             raw = getattr(predictor, "unclamped", predictor)
-            pred = compose_shifts(ctrl, [raw(ctrl, group_conditions(data, s, n_sets, priors)) for s in singles])
+            pool = {k: target[k] for k in ("control_mean",) if k in target}
+            conds = [group_conditions(data, s, n_sets, priors) | pool for s in singles]
+            pred = compose_shifts(ctrl, [raw(ctrl, c) for c in conds], pool.get("control_mean"))
         else:
-            pred = predictor(ctrl, group_conditions(data, plan.group, n_sets, priors))
+            pred = predictor(ctrl, target)
         cells = pred.reshape(n_sets * set_size, -1)[:n].float().cpu().numpy()
         out.append(put_on_lattice(cells, ctrl_cells[:n], seed, plan.group) if lattice else cells)
     return np.concatenate(out) if out else np.zeros((0, data.n_genes), dtype=np.float32)

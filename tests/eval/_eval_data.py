@@ -47,3 +47,17 @@ def shrunk_prediction(
             out[rows] = base + shrink * delta + rng.normal(0.0, noise, size=base.shape)
     np.clip(out, 0.0, None, out=out)
     return ad.AnnData(X=out, obs=real.obs.copy(), var=real.var[[]].copy())
+
+
+def fewshot_screen(out: Path, cfg) -> tuple:
+    """A synthetic screen (`SynthConfig` cfg) with perturbations 1 and 2 held out as test pairs
+    of the first context: (ProcessedDataset, per-group split labels)."""
+    from bionemo_scale.data.splits import SplitSpec
+    from bionemo_scale.data.store import ProcessedDataset
+    from bionemo_scale.data.synth import write_synthetic_dataset
+
+    write_synthetic_dataset(out, cfg, progress=False)
+    data = ProcessedDataset(out)
+    perts = data.index.perturbations[1:3]
+    labels = data.split_labels(SplitSpec(fewshot={data.index.contexts[0]: {"val": [], "test": list(perts)}}))
+    return data, labels

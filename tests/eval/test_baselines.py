@@ -10,11 +10,10 @@ import torch
 
 from bionemo_scale.config import SynthConfig
 from bionemo_scale.data.prior import AdditivePrior
-from bionemo_scale.data.splits import SplitSpec
 from bionemo_scale.data.store import ProcessedDataset
-from bionemo_scale.data.synth import write_synthetic_dataset
 from bionemo_scale.errors import ScaleError
 from bionemo_scale.eval.baselines import make_baseline
+from tests.eval._eval_data import fewshot_screen
 
 SMALL = SynthConfig(
     n_cells=4000, n_genes=80, n_programs=4, n_contexts=3, n_batches=1, n_perturbations=8, chunk_rows=900
@@ -23,12 +22,7 @@ SMALL = SynthConfig(
 
 @pytest.fixture(scope="module")
 def screen(tmp_path_factory: pytest.TempPathFactory) -> tuple[ProcessedDataset, np.ndarray]:
-    out = tmp_path_factory.mktemp("baselines") / "ds"
-    write_synthetic_dataset(out, SMALL, progress=False)
-    data = ProcessedDataset(out)
-    perts = data.index.perturbations[1:3]
-    labels = data.split_labels(SplitSpec(fewshot={data.index.contexts[0]: {"val": [], "test": list(perts)}}))
-    return data, labels
+    return fewshot_screen(tmp_path_factory.mktemp("baselines") / "ds", SMALL)
 
 
 def _conditions(data: ProcessedDataset, group: int) -> dict[str, torch.Tensor]:

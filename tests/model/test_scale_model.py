@@ -249,3 +249,32 @@ def test_half_precision_wrapper_leaves_cells_and_time_in_fp32(megatron_single) -
     # the same call by position is what megatron rounds (why the keyword matters)
     rounded = wrapped.module(ctrl, t, _cond(), pert)
     assert seen["ctrl"] == torch.bfloat16 and not torch.equal(rounded.x1_hat, ctrl)
+
+
+def test_centred_controls_move_each_set_onto_its_pool_mean(megatron_single) -> None:
+    """`center_controls`: the gene residual starts from X0 − mean_set(X0) + pool mean. With a zero
+    decoder the residual is exact, so the prediction is the centred set plus the prior, in training
+    and at inference alike, and a batch without the pool mean is a clear error."""
+    torch.manual_seed(0)
+    model, _ = tiny_model(additive_prior=True, center_controls=True)
+    torch.nn.init.zeros_(model.gene_decoder.fc_out.weight)
+    g = torch.Generator().manual_seed(8)
+    ctrl = torch.rand(B, S, G, generator=g) + 1.0
+    prior, pool = torch.rand(B, G, generator=g) - 0.5, torch.rand(B, G, generator=g) + 1.0
+    cond = {**_cond(), "prior": prior, "control_mean": pool}
+    expected = ctrl - ctrl.mean(dim=1, keepdim=True) + pool[:, None, :] + prior[:, None, :]
+    torch.testing.assert_close(model.predict(ctrl, cond, clamp=False), expected)
+    torch.testing.assert_close(model.predict(ctrl, cond, clamp=False).mean(dim=1), pool + prior)
+    out = model(ctrl, torch.rand(B, generator=g), cond, torch.rand(B, S, G, generator=g))
+    torch.testing.assert_close(out.x1_hat, expected)
+    # off (the default), the same weights keep the sampled cells' own mean
+    plain, _ = tiny_model(additive_prior=True)
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(plain.predict(ctrl, cond, clamp=False), ctrl + prior[:, None, :])
+    with pytest.raises(ScaleError, match="control_mean"):
+        model.predict(ctrl, {**_cond(), "prior": prior})
+
+
+def test_centring_needs_the_gene_residual() -> None:
+    with pytest.raises(ValueError, match="needs gene_residual"):
+        ScaleModelConfig(center_controls=True, gene_residual=False)

@@ -40,7 +40,10 @@ def test_model_loss_and_seed_changes_are_conflicts() -> None:
 def test_a_run_written_before_a_setting_existed_had_its_default() -> None:
     old = _cfg().model_dump(mode="json")
     del old["model"]["prior_rank"], old["model"]["prior_basis_leave_one_out"]  # keys added after such runs
+    del old["model"]["center_controls"]
     assert resume_conflicts(old, _cfg().model_dump(mode="json")) == []
+    centred = _cfg(model__center_controls=True).model_dump(mode="json")
+    assert resume_conflicts(old, centred) == ["model.center_controls: False -> True"]
     assert resume_conflicts(old, _cfg(model__prior_rank=8).model_dump(mode="json")) == ["model.prior_rank: None -> 8"]
     # a run with a rank but no leave-one-out key used the leave-one-out basis: not the default
     ranked = _cfg(model__prior_rank=8).model_dump(mode="json")

@@ -36,6 +36,23 @@ def test_run_directory_and_learning(base_run: Path) -> None:
     assert len(vocab["genes"]) == 500 and vocab["perturbations"][0] == "control"
     scalars = tb_scalars(base_run)
     assert "reduced_train_loss" in scalars and "val/pearson_delta" in scalars
+    _check_validation_terms(base_run, scalars, val)
+
+
+def _check_validation_terms(run: Path, scalars: dict, val: pd.DataFrame) -> None:
+    """Every validation logs its per-term losses, and the flow's weights sum them to val_loss."""
+    import yaml
+
+    flow = yaml.safe_load((run / "config.yaml").read_text())["flow"]
+    weights = {"endpoint": flow["endpoint_weight"], "gene": flow["gene_mse_weight"],
+               "pseudobulk": flow["pseudobulk_weight"], "reconstruction": flow["reconstruction_weight"],
+               "distribution": flow["distribution_weight"]}  # fmt: skip
+    terms = {name: dict(scalars[f"val/{name}"]) for name in weights}
+    for step, loss in zip(val["step"], val["val_loss"], strict=True):
+        # Lightning stamps a validation's logs with the index of the last training batch
+        logged = {name: terms[name][step - 1] for name in weights}
+        assert all(v >= 0 for v in logged.values()) and logged["pseudobulk"] > 0, logged
+        assert sum(weights[k] * logged[k] for k in weights) == pytest.approx(loss, rel=1e-5)
 
 
 def _check_best_record(run: Path, top_k: int = 1) -> None:

@@ -12,6 +12,11 @@ are first-class predictors with the same interface and the same control cells as
 
 Deltas are differences of pseudobulk means of log1p expression over training pairs only; the
 additive shift is `bionemo_scale.data.prior.AdditivePrior`, the same vector SCALE builds on.
+
+With `center=True` each control set is first moved onto its pool's mean (the conditions carry
+`control_mean`), as `model.center_controls` does for SCALE: the centred additive baseline's
+predicted mean is then the pool mean plus the shift, the pseudobulk additive model of the
+literature, free of the sampled cells' mean deviation.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from bionemo_scale.data.control_means import center_sets
 from bionemo_scale.data.prior import AdditivePrior
 from bionemo_scale.data.store import ProcessedDataset
 from bionemo_scale.errors import ScaleError
@@ -31,7 +37,11 @@ METHODS: tuple[str, ...] = ("control", "additive", "context-mean")
 
 
 def make_baseline(
-    method: str, data: ProcessedDataset, split_labels: np.ndarray, prior_rank: int | str | None = None
+    method: str,
+    data: ProcessedDataset,
+    split_labels: np.ndarray,
+    prior_rank: int | str | None = None,
+    center: bool = False,
 ) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
     """A predictor (ctrl [B,S,G], conditions) -> [B,S,G] for one baseline method.
 
@@ -59,6 +69,10 @@ def make_baseline(
     def predict(ctrl: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
         pairs = zip(conditions["context_id"].tolist(), conditions["pert_id"].tolist(), strict=True)
         shifts = torch.stack([shift_for(int(c), int(p)) for c, p in pairs])
+        if center:
+            if "control_mean" not in conditions:
+                raise ScaleError("a centred baseline needs each set's pool mean", "pass control_means to run_predictor")
+            ctrl = center_sets(ctrl, conditions["control_mean"])
         return (ctrl + shifts[:, None, :]).clamp_min(0.0)
 
     return predict

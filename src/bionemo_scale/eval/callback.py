@@ -110,7 +110,7 @@ class BiologicalMetricsCallback(pl.Callback):
     def _predict_shard(self, pl_module, datamodule, plans: list) -> dict[int, np.ndarray]:
         """Predictions of this data-parallel rank's share of the groups (last stage only)."""
         from bionemo_scale.data.count_lattice import put_on_lattice
-        from bionemo_scale.predict import compose_shifts, composition_groups, group_conditions
+        from bionemo_scale.predict import centred_group, compose_shifts, composition_groups, group_conditions
 
         ps = _ps()
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -133,8 +133,12 @@ class BiologicalMetricsCallback(pl.Callback):
             # the same rule as `predict`: a combination is composed from its singles when asked
             singles = composition_groups(data, plan.group) if cfg.flow.combinations == "compose" else []
             preds = []
+            target = centred_group(
+                group_conditions(data, plan.group, n_sets, datamodule.priors, datamodule.control_means), ctrl, n
+            )
+            pool = {k: target[k] for k in ("control_mean",) if k in target}  # the group's cells, its pool
             for group in singles or [plan.group]:
-                cond = group_conditions(data, group, n_sets, datamodule.priors)
+                cond = group_conditions(data, group, n_sets, datamodule.priors) | pool if singles else target
                 if datamodule._tables is not None:
                     from bionemo_scale.train.finetune import remap_batch
 
@@ -142,7 +146,7 @@ class BiologicalMetricsCallback(pl.Callback):
                 preds.append(self._forward(pl_module, ctrl, cond, s, clamp=not singles))
             pred = None if any(p is None for p in preds) else preds[0]
             if singles and pred is not None:
-                pred = compose_shifts(ctrl.to(preds[0].device), preds)
+                pred = compose_shifts(ctrl.to(preds[0].device), preds, pool.get("control_mean"))
             if pred is not None and i < len(mine):
                 cells = pred.reshape(n_sets * s, -1)[:n].float().cpu().numpy()
                 if cfg.flow.count_lattice:  # what `predict` writes, so validation scores what users get

@@ -8,6 +8,9 @@ Training step for a batch of set pairs (X0 control, X1 perturbed, coupled by OT)
     Ẑ1     = Zt + (1 - t) head(h)               # endpoint, residual on the current state
     X̂1     = X0 + prior + dec(Ẑ1) - dec(Z0)     # residual on the control cells and the prior
 
+With `center_controls`, X0 in the residual is the control set moved onto its pool's mean
+(X0 − mean_set(X0) + mean_pool): the sampled cells' mean deviation is noise, not response.
+
 With the additive prior (the additive baseline's shift for this perturbation, from the *other*
 training contexts), the flow transports X0 to X1 − prior: it learns only how this context
 deviates from the cross-context average effect. Without it, prior = 0.
@@ -31,6 +34,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from bionemo_scale.config import ScaleModelConfig
+from bionemo_scale.data.control_means import center_sets
 from bionemo_scale.errors import ScaleError
 from bionemo_scale.flow.paths import linear_path
 from bionemo_scale.flow.solvers import solve_endpoint
@@ -41,7 +45,7 @@ from bionemo_scale.model.specs import get_layer_spec
 logger = logging.getLogger(__name__)
 
 CONDITION_KEYS = ("parts", "dose", "context_id", "batch_id")
-OPTIONAL_CONDITION_KEYS = ("prior", "pert_features")
+OPTIONAL_CONDITION_KEYS = ("prior", "pert_features", "control_mean")
 
 
 def conditions_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -197,9 +201,9 @@ class ScaleModel(MegatronModule):
             # dec(Ẑ1), dec(Z0) and dec(Z1) in one decoder pass; dec(Z0) serves both the gene
             # residual and the reconstruction term (it used to be decoded twice).
             x1_dec, x0_rec, x1_rec = self.decode(torch.cat([z1_hat, z0, z1], dim=1)).chunk(3, dim=0)
-            x1_hat = self._decode_endpoint(z1_hat, z0, ctrl, prior, decoded=(x1_dec, x0_rec))
+            x1_hat = self._decode_endpoint(z1_hat, z0, self._residual_base(ctrl, conditions), prior, (x1_dec, x0_rec))
         else:
-            x1_hat = self._decode_endpoint(z1_hat, z0, ctrl, prior)
+            x1_hat = self._decode_endpoint(z1_hat, z0, self._residual_base(ctrl, conditions), prior)
         return ScaleOutput(
             z1_hat=z1_hat.transpose(0, 1),
             z1=z1.transpose(0, 1),
@@ -212,6 +216,18 @@ class ScaleModel(MegatronModule):
     def _endpoint_from_hidden(self, h_cells: torch.Tensor, zt: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
         delta = self.head(h_cells)
         return zt + (1.0 - tt) * delta if self.cfg.latent_residual else delta
+
+    def _residual_base(self, ctrl: torch.Tensor, conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The cells the gene residual starts from: the control set, or it centred on its pool."""
+        if not self.cfg.center_controls:
+            return ctrl
+        control_mean = conditions.get("control_mean")
+        if control_mean is None:
+            raise ScaleError(
+                "this model centres control sets on their pool's mean, but the batch has no 'control_mean'",
+                "build inputs with bionemo_scale.data.control_means (predict/train do this)",
+            )
+        return center_sets(ctrl, control_mean)
 
     @staticmethod
     def _add_prior(x: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
@@ -261,7 +277,8 @@ class ScaleModel(MegatronModule):
         z1_hat = solve_endpoint(endpoint, z0.transpose(0, 1), method=solver, steps=steps).transpose(0, 1)
         # dec(Ẑ1) and dec(Z0) in one decoder pass (one larger GEMM is cheaper than two)
         decoded = self.decode(torch.cat([z1_hat, z0], dim=1)).chunk(2, dim=0) if self.cfg.gene_residual else None
-        x1_hat = self._decode_endpoint(z1_hat, z0, ctrl, self._prior(conditions), decoded=decoded)
+        base = self._residual_base(ctrl, conditions)
+        x1_hat = self._decode_endpoint(z1_hat, z0, base, self._prior(conditions), decoded=decoded)
         return x1_hat.clamp_min(0.0) if clamp else x1_hat
 
 

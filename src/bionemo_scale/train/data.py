@@ -17,6 +17,7 @@ from nemo.lightning.pytorch.plugins import MegatronDataSampler
 from torch.utils.data import default_collate
 
 from bionemo_scale.config import ScaleConfig
+from bionemo_scale.data.control_means import GroupControlMeans
 from bionemo_scale.data.prior import AdditivePrior, GroupPriors
 from bionemo_scale.data.sampler import SetPairDataset
 from bionemo_scale.data.store import ProcessedDataset
@@ -57,6 +58,9 @@ class ScaleDataModule(pl.LightningDataModule):
         )
         self.priors = (
             GroupPriors(self.prior, self.data, cover=cfg.model.prior_cover) if self.prior is not None else None
+        )
+        self.control_means = (
+            GroupControlMeans(self.data, cfg.data.sampler.control_matching) if cfg.model.center_controls else None
         )
         gbs = cfg.global_batch_size
         self.data_sampler = MegatronDataSampler(

@@ -28,12 +28,16 @@ TERM_NAMES = ("endpoint", "gene", "pseudobulk", "reconstruction", "distribution"
 
 
 class ScaleLossReduction(MegatronLossReduction):
-    """Mean per-set loss of a microbatch; the logged value is averaged over data-parallel ranks."""
+    """Mean per-set loss of a microbatch; the logged value is averaged over data-parallel ranks.
 
-    def __init__(self, flow: FlowConfig, validation: bool = False) -> None:
+    `last_terms` keeps the last reduced step's per-term means, which the module logs as
+    `train/<term>` after every training step and `val/<term>` (averaged over the pass) after
+    every validation step.
+    """
+
+    def __init__(self, flow: FlowConfig) -> None:
         super().__init__()
         self.flow = flow
-        self.validation = validation
         self.last_terms: dict[str, float] = {}
 
     def forward(self, batch: dict[str, torch.Tensor], forward_out: ScaleOutput):
@@ -76,7 +80,7 @@ class ScaleLightningModule(pl.LightningModule):
         if optim is not None:
             optim.connect(self)  # binds configure_optimizers
         self._train_reduction = ScaleLossReduction(cfg.flow)
-        self._val_reduction = ScaleLossReduction(cfg.flow, validation=True)
+        self._val_reduction = ScaleLossReduction(cfg.flow)
 
     # -- model ---------------------------------------------------------------------------------
     def configure_model(self, vp_stage: int | None = None) -> None:
@@ -124,6 +128,8 @@ class ScaleLightningModule(pl.LightningModule):
             batch["parts"] = priors.uncover(batch["group_id"], batch["parts"])
             if training and self.cfg.model.prior_self_rate > 0:
                 batch["prior_self"], batch["prior_self_ok"] = priors.own_batch(batch["group_id"])
+        if self.cfg.model.center_controls:
+            batch["control_mean"] = self.trainer.datamodule.control_means.batch(batch["group_id"])
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         return prepare_flow_batch(
             batch,
@@ -155,12 +161,25 @@ class ScaleLightningModule(pl.LightningModule):
         return self._val_reduction
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        terms = self._train_reduction.last_terms if parallel_state.is_pipeline_last_stage() else {}
+        terms = self._step_terms(self._train_reduction)
+        for name in TERM_NAMES if terms else ():
+            self.log(f"train/{name}", terms[name], batch_size=1, rank_zero_only=True)
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # averaged over the pass like NeMo's val_loss (one value per validation step, equal weights),
+        # so val_loss = the flow weights · these terms
+        terms = self._step_terms(self._val_reduction)
+        for name in TERM_NAMES if terms else ():
+            self.log(f"val/{name}", terms[name], batch_size=1, on_step=False, on_epoch=True, rank_zero_only=True)
+
+    @staticmethod
+    def _step_terms(reduction: ScaleLossReduction) -> dict[str, float]:
+        """This step's per-term losses on every rank (collective across the pipeline when PP > 1)."""
+        terms = reduction.last_terms if parallel_state.is_pipeline_last_stage() else {}
+        reduction.last_terms = {}  # a step without microbatches must not log the previous step's
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             terms = _terms_from_last_stage(terms)
-        if terms:
-            for name in TERM_NAMES:
-                self.log(f"train/{name}", terms[name], batch_size=1, rank_zero_only=True)
+        return terms
 
     # -- helpers for callbacks and prediction --------------------------------------------------
     def unwrapped_model(self) -> ScaleModel:

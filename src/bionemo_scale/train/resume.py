@@ -50,6 +50,7 @@ ADDED_KEYS: dict[str, Callable[[dict[str, object]], bool]] = {
     # it matters only with a rank; runs with a rank but without this key (commits 575ba73..f7d0a7f)
     # used the leave-one-out basis, not the default
     "model.prior_basis_leave_one_out": lambda old: old.get("model.prior_rank") in (None, "None"),
+    "model.center_controls": lambda old: True,  # before it, control sets were never centred (= False)
 }
 
 
