@@ -120,7 +120,7 @@ class ScaleLightningModule(pl.LightningModule):
         batch = next(dataloader_iter)
         if isinstance(batch, tuple) and len(batch) == 3:  # (batch, batch_idx, dataloader_idx)
             batch = batch[0]
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = _local_device()
         training = self.trainer is not None and self.trainer.training
         if self.cfg.model.additive_prior:
             priors = self.trainer.datamodule.priors
@@ -190,6 +190,11 @@ class ScaleLightningModule(pl.LightningModule):
         return module
 
 
+def _local_device() -> torch.device:
+    """This rank's device: its current CUDA device, or the CPU (gloo) where there is none."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _terms_from_last_stage(terms: dict[str, float]) -> dict[str, float]:
     """The last pipeline stage's per-term losses, on every stage of its pipeline.
 
@@ -197,7 +202,7 @@ def _terms_from_last_stage(terms: dict[str, float]) -> dict[str, float]:
     first stage when PP > 1: without this broadcast the `train/*` terms were never logged there
     (NeMo broadcasts only the total loss). Every stage calls it once per step, so it is collective.
     """
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = _local_device()
     vec = torch.zeros(1 + len(TERM_NAMES), dtype=torch.float64, device=device)
     if terms:
         vec[0] = 1.0  # "valid": a step with no microbatches leaves the terms unset
