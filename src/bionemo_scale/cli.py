@@ -544,8 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--count-lattice",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="sample the mean's values below one count to 0 or one count (default: on, as predict)",
+        default=None,
+        help="sample the mean's values below one count to 0 or one count (default: as the members, "
+        "on when they were predicted on the lattice)",
     )
     p.add_argument("--seed", type=_seed, default=0, help="seed of the lattice draws")
     p.add_argument("--overwrite", action="store_true")

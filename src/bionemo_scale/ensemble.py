@@ -60,13 +60,26 @@ def mean_expression(matrices: list[sp.spmatrix | np.ndarray]) -> sp.csr_matrix:
     return sp.csr_matrix(total / len(matrices), dtype=np.float32)
 
 
+def _members_rule(members: list[ad.AnnData]) -> bool:
+    """Whether the members are on the count lattice (all or none of them; mixed is an error)."""
+    on = [bool(m.uns.get("bionemo_scale", {}).get("count_lattice", False)) for m in members]
+    if any(on) and not all(on):
+        raise ScaleError(
+            f"the members differ in their output rule: {sum(on)} on the count lattice, {len(on) - sum(on)} continuous",
+            "pass --count-lattice or --no-count-lattice to choose the ensemble's",
+        )
+    return all(on)
+
+
 def average_predictions(
-    paths: list[Path], output: Path, overwrite: bool = False, lattice: bool = True, seed: int = 0
+    paths: list[Path], output: Path, overwrite: bool = False, lattice: bool | None = None, seed: int = 0
 ) -> Path:
     """Write the per-cell mean of the members' PRED.h5ad to `output` (and their REAL.h5ad beside it).
 
     With `lattice`, the mean's sub-count values are sampled onto the count lattice: the mean of
     members that were each on it is not (0, 0 and one count average to a third of a count).
+    `None` follows the members: on when they are all on the lattice, off when none is (a
+    continuous `predict`, e.g. `flow.count_lattice=false`); members that differ are refused.
     """
     if len(paths) < 2:
         raise ScaleError(f"an ensemble needs at least 2 members, got {len(paths)}", "pass two or more PRED.h5ad files")
@@ -81,6 +94,8 @@ def average_predictions(
         data = member.X.data if sp.issparse(member.X) else np.asarray(member.X)
         if not np.isfinite(data).all():
             raise ScaleError(f"{path} has non-finite predicted values (NaN or inf)", "re-run the predict that wrote it")
+    if lattice is None:
+        lattice = _members_rule(members)
     is_pred = np.asarray(members[0].obs["is_prediction"]).astype(bool)
     controls = [sp.csr_matrix(m.X[~is_pred]) for m in members]
     if any((c != controls[0]).nnz for c in controls[1:]):

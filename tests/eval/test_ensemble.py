@@ -32,10 +32,12 @@ def members(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     split = root / "split.toml"
     split.write_text('[fewshot.C0]\nval = []\ntest = ["P001", "P002"]\n')
     out = {}
-    for name, method, seed in (("add", "additive", 0), ("cmean", "context-mean", 0), ("add_seed1", "additive", 1)):
+    runs = (("add", "additive", 0, []), ("cmean", "context-mean", 0, []), ("add_seed1", "additive", 1, []),
+            ("add_lattice", "additive", 0, ["--count-lattice"]))  # fmt: skip
+    for name, method, seed, extra in runs:
         path = root / name / "PRED.h5ad"
         rc = main(["-q", "baseline", "--method", method, "--data", str(data), "--split", str(split),
-                   "--output", str(path), "--set-size", "16", "--seed", str(seed)])  # fmt: skip
+                   "--output", str(path), "--set-size", "16", "--seed", str(seed), *extra])  # fmt: skip
         assert rc == 0
         out[name] = path
     return out
@@ -59,6 +61,24 @@ def test_ensemble_is_the_per_cell_mean(members, tmp_path: Path, capsys) -> None:
     np.testing.assert_array_equal(
         real.obs["source_row"], ad.read_h5ad(members["add"].with_name("REAL.h5ad")).obs["source_row"]
     )
+
+
+def test_the_output_rule_follows_the_members(members, tmp_path: Path, capsys) -> None:
+    """Continuous members give a continuous mean unless --count-lattice asks; members that differ
+    in their output rule are refused in one line (the caller must choose)."""
+    pair = [str(members["add"]), str(members["cmean"])]
+    default, explicit, lattice = (tmp_path / n / "PRED.h5ad" for n in ("default", "explicit", "lattice"))
+    assert _run(["ensemble", *pair, "--output", str(default)], capsys)[0] == 0
+    assert _run(["ensemble", *pair, "--output", str(explicit), "--no-count-lattice"], capsys)[0] == 0
+    assert _run(["ensemble", *pair, "--output", str(lattice), "--count-lattice"], capsys)[0] == 0
+    d, e, lat = (ad.read_h5ad(p) for p in (default, explicit, lattice))
+    np.testing.assert_array_equal(d.X.toarray(), e.X.toarray())
+    assert not d.uns["bionemo_scale"]["count_lattice"] and lat.uns["bionemo_scale"]["count_lattice"]
+    assert (d.X.toarray() != lat.X.toarray()).any()
+    mixed = tmp_path / "mixed" / "PRED.h5ad"
+    rc, err = _run(["ensemble", str(members["add_lattice"]), str(members["cmean"]), "--output", str(mixed)], capsys)
+    assert rc != 0 and "differ in their output rule: 1 on the count lattice, 1 continuous" in err
+    assert len(err.splitlines()) == 1 and not mixed.exists()
 
 
 def test_members_of_other_cells_are_refused(members, tmp_path: Path, capsys) -> None:
