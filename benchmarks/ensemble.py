@@ -110,7 +110,7 @@ def main() -> None:
             {"method": f"scale x{args.members} ensemble", "group": k, **{m: float(res[m].mean()) for m in HEADLINE}}
         )
     base = out / args.subset / "baselines"
-    runs = [("additive", []), ("additive-lattice", ["--count-lattice"])]
+    runs = [("additive", []), ("additive-lattice", ["--count-lattice"]), ("additive-centred", ["--center-controls"])]
     if prior_rank_of(CASE_OVERRIDES.get(args.case, [])) is not None:
         runs.append(("additive-lowrank", ["--prior-rank", prior_rank_of(CASE_OVERRIDES[args.case])]))
     for name, extra in runs:
