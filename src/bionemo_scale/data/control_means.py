@@ -15,19 +15,12 @@ import torch
 
 from bionemo_scale.config import SamplerConfig
 from bionemo_scale.data.sampler import ControlPool, SetPairDataset
-from bionemo_scale.data.store import ProcessedDataset
-
-CHUNK_ROWS = 4096  # rows per read: a control pool can hold millions of cells
+from bionemo_scale.data.store import ProcessedDataset, mean_of_row_ranges
 
 
 def pool_mean(data: ProcessedDataset, pool: ControlPool) -> np.ndarray:
-    """Mean log-expression of every cell of a control pool, read in bounded chunks (float64 sums)."""
-    total = np.zeros(data.n_genes, dtype=np.float64)
-    for start, a, b in zip(pool.starts.tolist(), pool.offsets[:-1].tolist(), pool.offsets[1:].tolist(), strict=True):
-        for lo in range(0, b - a, CHUNK_ROWS):
-            rows = np.arange(start + lo, start + min(lo + CHUNK_ROWS, b - a), dtype=np.int64)
-            total += data.gather_csr(rows).sum(axis=0, dtype=np.float64).A1
-    return total / max(pool.size, 1)
+    """Mean log-expression of every cell of a control pool (float64 sums, bounded reads)."""
+    return mean_of_row_ranges(data, pool.starts, pool.starts + np.diff(pool.offsets))
 
 
 class GroupControlMeans:

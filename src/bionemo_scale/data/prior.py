@@ -23,9 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from bionemo_scale.data.index import split_combination
 from bionemo_scale.data.prior_rank import leave_one_out_basis, project, resolve_rank, spectrum_size, top_spectrum
+from bionemo_scale.data.store import mean_of_row_ranges
 from bionemo_scale.errors import ScaleError
-
-PRIOR_CHUNK_ROWS = 4096  # rows per read while summing groups: bounds AdditivePrior.from_data's memory
 
 
 @dataclass
@@ -153,20 +152,11 @@ class AdditivePrior:
         idx = data.index
         g = idx.groups
         ctx, pert = g["context_id"].to_numpy(), g["pert_id"].to_numpy()
-        sizes = (g["end"] - g["start"]).to_numpy()
 
         starts, ends = g["start"].to_numpy(), g["end"].to_numpy()
 
         def pooled_mean(gids: np.ndarray) -> np.ndarray:
-            # Column sums in bounded row chunks: a whole group at once (a control pool can hold
-            # millions of cells) costs ~30 bytes of temporaries per stored value, so peak memory
-            # would grow with the dataset instead of staying flat.
-            total = np.zeros(data.n_genes, dtype=np.float64)
-            for i in gids:
-                for a in range(int(starts[i]), int(ends[i]), PRIOR_CHUNK_ROWS):
-                    rows = np.arange(a, min(a + PRIOR_CHUNK_ROWS, int(ends[i])))
-                    total += data.gather_csr(rows).sum(axis=0, dtype=np.float64).A1
-            return total / sizes[gids].sum()
+            return mean_of_row_ranges(data, starts[gids], ends[gids])
 
         train = np.flatnonzero((split_labels == "train") & ~idx.is_control)
         ctrl = np.flatnonzero(idx.is_control)
