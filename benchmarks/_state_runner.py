@@ -53,7 +53,9 @@ def build_state(spec: dict[str, Any], n_perts: int, n_batches: int) -> tuple[Any
     from state.__main__ import load_hydra_config
     from state.tx.utils import get_lightning_module
 
-    torch.set_float32_matmul_precision("medium")  # as run_tx_train (no effect on CPU)
+    # as run_tx_train: on a GPU this allows TF32/bf16, and on a CPU with AMX or AVX512-BF16 oneDNN
+    # computes float32 matmuls with bf16 products (`state tx predict` leaves the default, 'highest')
+    torch.set_float32_matmul_precision("medium")
     overrides = [
         *state_model_overrides(**{k: spec[k] for k in MODEL_SIZE_KEYS}),
         "data.kwargs.embed_key=X_hvg",
@@ -142,12 +144,14 @@ def serve_model(spec: dict[str, Any]) -> None:
 
     def train(iters: int, warmup: int) -> dict[str, Any]:
         model.train()
+        torch.set_float32_matmul_precision("medium")  # `state tx train`'s setting
         return time_iterations(train_step, iters, warmup)
 
     def infer(iters: int, warmup: int, nfe: int) -> dict[str, Any]:
         if nfe != 1:
             raise ValueError("STATE predicts with one forward evaluation (NFE = 1)")
         model.eval()
+        torch.set_float32_matmul_precision("highest")  # `state tx predict` leaves torch's default
         with torch.no_grad():
             res = time_iterations(lambda i: model.forward(batches[i % len(batches)]), iters, warmup)
         model.train()

@@ -26,6 +26,12 @@ its own Hydra config (`model=state` plus size overrides, exactly the `state tx t
 overrides) and `state.tx.utils.get_lightning_module`, as `state tx train` builds it for
 `embed_key=X_hvg, output_space=gene` (gene-expression input and output).
 
+Float32 matmul precision: each model runs at its own command line's setting. `state tx train` sets
+torch's 'medium' (bf16 products where the hardware has them: GPUs, and CPUs with AMX or
+AVX512-BF16 through oneDNN), `state tx predict` leaves 'highest'; ours trains and predicts at
+'highest' by default, and `inference NFE=1, matmul medium` is ours at `predict --matmul-precision
+medium`.
+
 Protocol: each model lives in a persistent worker process (ours in .venv, STATE in
 .venv-bench through `_state_runner.py`); after a warm-up, the parent alternates them (ABBA
 order per repeat) for every measurement, so both see the same machine noise. Each repeat is
@@ -216,15 +222,18 @@ def ours_worker(spec: dict[str, Any]) -> None:
 
     def train(iters: int, warmup: int) -> dict[str, Any]:
         model.train()
+        torch.set_float32_matmul_precision("highest")  # `train`'s default (an earlier request may have changed it)
         return time_iterations(train_step, iters, warmup)
 
     from bionemo_scale.data.count_lattice import put_on_lattice
 
     ctrl_cells = [b["ctrl"].reshape(-1, b["ctrl"].shape[-1]).numpy() for b in batches]
 
-    def infer(iters: int, warmup: int, nfe: int, lattice: bool = False) -> dict[str, Any]:
-        """`lattice`: also put the predicted cells on their controls' count lattice, as `predict` does."""
+    def infer(iters: int, warmup: int, nfe: int, lattice: bool = False, precision: str = "highest") -> dict[str, Any]:
+        """`lattice`: also put the predicted cells on their controls' count lattice, as `predict` does;
+        `precision`: torch's float32 matmul precision (`predict --matmul-precision`)."""
         model.eval()
+        torch.set_float32_matmul_precision(precision)
 
         def call(i: int) -> None:
             b = batches[i % len(batches)]
@@ -240,6 +249,9 @@ def ours_worker(spec: dict[str, Any]) -> None:
     def infer_lattice(iters: int, warmup: int, nfe: int) -> dict[str, Any]:
         return infer(iters, warmup, nfe, lattice=True)
 
+    def infer_medium(iters: int, warmup: int, nfe: int) -> dict[str, Any]:
+        return infer(iters, warmup, nfe, precision="medium")
+
     n_params = sum(p.numel() for p in model.parameters())
     n_block = sum(p.numel() for p in model.decoder.parameters())
     ready = {
@@ -252,18 +264,20 @@ def ours_worker(spec: dict[str, Any]) -> None:
         "setup_s": time.perf_counter() - t0,
         "versions": versions(("torch", "megatron-core", "numpy", "bionemo-scale")),
     }
-    serve(ready, {"train": train, "infer": infer, "infer_lattice": infer_lattice})
+    serve(ready, {"train": train, "infer": infer, "infer_lattice": infer_lattice, "infer_medium": infer_medium})
 
 
 # -- the comparison ----------------------------------------------------------------------------
 # infer_lattice: ours' NFE=1 inference plus the count lattice that `predict` applies (flow.count_lattice)
-OPS = [("train", None), ("infer", 1), ("infer_lattice", 1), ("infer", 10)]
+OPS = [("train", None), ("infer", 1), ("infer_lattice", 1), ("infer_medium", 1), ("infer", 10)]
 LATTICE_LABEL = "inference NFE=1 + count lattice"
 
 
 def op_label(op: str, nfe: int | None) -> str:
     if op == "infer_lattice":
         return LATTICE_LABEL
+    if op == "infer_medium":
+        return f"inference NFE={nfe}, matmul medium"
     return "train (fwd+bwd+opt)" if op == "train" else f"inference NFE={nfe}"
 
 
@@ -319,8 +333,8 @@ def compare(
             order = ["ours", "STATE"] if r % 2 == 0 else ["STATE", "ours"]
             for op, nfe in ops:
                 for name in order:
-                    if name == "STATE" and ((op == "infer" and nfe != 1) or op == "infer_lattice"):
-                        continue  # STATE has one forward evaluation only, and no count lattice
+                    if name == "STATE" and ((op == "infer" and nfe != 1) or op in ("infer_lattice", "infer_medium")):
+                        continue  # STATE has one forward evaluation only, no count lattice, and predicts at 'highest'
                     req: dict[str, Any] = {"op": op, "iters": iters, "warmup": warmup if r == 0 else 1}
                     if op != "train":
                         req["nfe"] = nfe

@@ -17,13 +17,17 @@ Parts (each can be run alone with --parts):
     ours (plain loop):  our loader + ScaleModel step in a plain torch loop (= model_step.py's step)
     ours (NeMo):        `bionemo-scale train` (NeMo Trainer + MegatronStrategy, one process)
     STATE:              `state tx train` (its CLI, Lightning, cell-load, X_hvg, num_workers=0)
+  `state tx train` sets torch's float32 matmul precision to 'medium' (bf16 products on GPUs and on
+  CPUs with AMX or AVX512-BF16); ours trains at 'highest' by default, so both of ours also run at
+  `trainer.matmul_precision=medium`, STATE's own setting (--skip-medium leaves them out).
   Rates come from step time stamps, never from process wall time: the worker's own clock
   (plain loop), rows appearing in RUN/train_loss.csv (NeMo; the tqdm bar as a fallback) and
   Lightning's progress bar (STATE, forced to redraw with TTY_COMPATIBLE/TTY_INTERACTIVE).
   The first --skip-steps steps (start-up, caches) are excluded and the rest is cut into
   --windows equal windows: medians and IQR are over windows. Peak RSS of each process too.
 - infer: inference cells/s at NFE=1 and 10 vs STATE's forward (model_step.py's protocol,
-  G = the genes of the train data).
+  G = the genes of the train data), and ours at NFE=1 with `predict --matmul-precision medium`
+  (STATE predicts at 'highest', as `state tx predict` does).
 - scale: `write_synthetic_dataset` at 1M and 5M cells (--scale-genes genes, 256 by default
   so that writing 5M cells takes ~5 min; library size --scale-library; both generated
   concurrently), then our plain training loop for --scale-steps steps on each in a
@@ -225,6 +229,7 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    torch.set_float32_matmul_precision(spec.get("matmul_precision", "highest"))  # as trainer.matmul_precision
     # the modules of ours_train_step, loaded before the set-up clock starts
     import bionemo_scale.model.batch
     import bionemo_scale.model.objective  # noqa: F401
@@ -427,8 +432,10 @@ def train_ours_plain(
     steps: int,
     tag: str = "train",
     threads: int | None = None,
+    precision: str = "highest",
 ) -> dict[str, Any]:
     spec = {
+        "matmul_precision": precision,
         "processed": str(case.processed),
         "split": str(split),
         "matching": case.matching,
@@ -437,15 +444,14 @@ def train_ours_plain(
         "seed": args.seed,
         **model_sizes(args),
     }
-    cmd = _spec_cmd(
-        out, f"{tag}_ours_plain", spec, [sys.executable, str(Path(__file__).resolve()), "--worker", "train"]
-    )
-    logger.info("[%s] ours, plain torch loop: %d steps on %s", tag, steps, case.title)
+    name = f"{tag}_ours_plain" + ("" if precision == "highest" else f"_{precision}")
+    cmd = _spec_cmd(out, name, spec, [sys.executable, str(Path(__file__).resolve()), "--worker", "train"])
+    logger.info("[%s] ours, plain torch loop, matmul %s: %d steps on %s", tag, precision, steps, case.title)
     child = run_measured(
         cmd,
         env=thread_env(spec["threads"], args.omp_wait_policy),
         cwd=REPO,
-        log_path=out / "logs" / f"{tag}_ours_plain.log",
+        log_path=out / "logs" / f"{name}.log",
         timeout_s=args.timeout,
     )
     res = parse_answer("\n".join(s for _, s in child.lines)) if child.returncode == 0 else {}
@@ -466,7 +472,14 @@ def train_ours_plain(
         if k in res
     }
     extra["clock"] = "worker's perf_counter after every optimizer step"
-    return _train_result("ours (plain torch loop)", child, stamps, args, args.skip_steps, extra)
+    return _train_result(
+        f"ours (plain torch loop{_precision_note(precision)})", child, stamps, args, args.skip_steps, extra
+    )
+
+
+def _precision_note(precision: str) -> str:
+    """How a run's name says that it ran at a float32 matmul precision other than our default."""
+    return "" if precision == "highest" else f", matmul {precision} as `state tx train`"
 
 
 class CsvStepClock:
@@ -501,7 +514,9 @@ class CsvStepClock:
         self._thread.join()
 
 
-def train_ours_nemo(case: Case, split: Path, args: argparse.Namespace, out: Path, steps: int) -> dict[str, Any]:
+def train_ours_nemo(
+    case: Case, split: Path, args: argparse.Namespace, out: Path, steps: int, precision: str = "highest"
+) -> dict[str, Any]:
     from bionemo_scale.config import (
         CheckpointConfig,
         DataConfig,
@@ -525,14 +540,21 @@ def train_ours_nemo(case: Case, split: Path, args: argparse.Namespace, out: Path
             num_attention_heads=args.heads,
             ffn_hidden_size=4 * args.hidden,
         ),
-        trainer=TrainerConfig(max_steps=steps, val_check_interval=steps, log_every_n_steps=10, accelerator="cpu"),
+        trainer=TrainerConfig(
+            max_steps=steps,
+            val_check_interval=steps,
+            log_every_n_steps=10,
+            accelerator="cpu",
+            matmul_precision=precision,
+        ),
         checkpoint=CheckpointConfig(every_n_train_steps=steps, monitor="val_loss"),
         eval=EvalConfig(enabled=False),
     )
-    cfg_path = out / "specs" / "nemo_config.yaml"
+    suffix = "" if precision == "highest" else f"_{precision}"
+    cfg_path = out / "specs" / f"nemo_config{suffix}.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(dump_yaml(cfg))
-    run_dir = out / "runs" / "ours_nemo"
+    run_dir = out / "runs" / f"ours_nemo{suffix}"
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run, never a resume
     cmd = [
@@ -547,13 +569,13 @@ def train_ours_nemo(case: Case, split: Path, args: argparse.Namespace, out: Path
         "--output",
         str(run_dir),
     ]
-    logger.info("[train] ours, `bionemo-scale train` (NeMo + MegatronStrategy): %d steps", steps)
+    logger.info("[train] ours, `bionemo-scale train` (NeMo + MegatronStrategy), matmul %s: %d steps", precision, steps)
     with CsvStepClock(run_dir / "train_loss.csv") as clock:
         child = run_measured(
             cmd,
             env=thread_env(args.threads, args.omp_wait_policy),
             cwd=REPO,
-            log_path=out / "logs" / "train_ours_nemo.log",
+            log_path=out / "logs" / f"train_ours_nemo{suffix}.log",
             timeout_s=args.timeout,
         )
     # both clocks start within milliseconds of each other; prefer the csv rows, fall back to the bar
@@ -566,7 +588,8 @@ def train_ours_nemo(case: Case, split: Path, args: argparse.Namespace, out: Path
         extra["bar_cells_per_s"] = Summary.of(
             windowed_rates(bar, args.skip_steps, args.windows, 2 * args.set_size * args.batch_sets)["rates"]
         ).median
-    res = _train_result("ours (`bionemo-scale train`, NeMo)", child, stamps, args, args.skip_steps, extra)
+    name = f"ours (`bionemo-scale train`, NeMo{_precision_note(precision)})"
+    res = _train_result(name, child, stamps, args, args.skip_steps, extra)
     if not args.keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     return res
@@ -636,6 +659,11 @@ def part_train(case: Case, args: argparse.Namespace, out: Path) -> dict[str, Any
     res["runs"].append(train_state(case, args, out, args.state_steps))
     if not args.skip_nemo:
         res["runs"].append(train_ours_nemo(case, split, args, out, args.nemo_steps))
+    # at STATE's own setting: `state tx train` sets torch's float32 matmul precision to 'medium'
+    if not args.skip_medium:
+        res["runs"].append(train_ours_plain(case, split, args, out, args.train_steps, precision="medium"))
+        if not args.skip_nemo:
+            res["runs"].append(train_ours_nemo(case, split, args, out, args.nemo_steps, precision="medium"))
     state = next(r for r in res["runs"] if r["name"].startswith("STATE"))
     for r in res["runs"]:
         r["ratio_vs_state"] = r["cells_per_s"]["median"] / state["cells_per_s"]["median"]
@@ -650,7 +678,7 @@ def part_infer(genes: int, args: argparse.Namespace, out: Path) -> dict[str, Any
 
     sizes = model_sizes(args)
     inputs = prepare_inputs(genes, REPO / "bench_out" / "model_step" / "cache", sizes, 8, args.seed)
-    ops = [("infer", 1), ("infer", 10)]
+    ops = [("infer", 1), ("infer_medium", 1), ("infer", 10)]
     raw = compare(
         genes,
         args.threads,
@@ -956,7 +984,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             if r["model"] == "ours":
                 summary_rows.append(
                     [
-                        f"inference {r['measurement'].split()[-1]} (vs STATE forward)",
+                        f"{r['measurement']} (vs STATE forward)",
                         fmt_num(s["median"]),
                         fmt_num(next(x for x in inf["rows"] if x["model"] == "STATE")["cells_per_s"]["median"]),
                         fmt_ratio(r.get("ratio_cells_per_s")),
@@ -1114,7 +1142,9 @@ def chart(results: dict[str, Any], path: Path) -> None:
             if not r["name"].startswith("STATE"):
                 speed.append(
                     (
-                        "train e2e\n" + ("NeMo" if "NeMo" in r["name"] else "plain loop"),
+                        "train e2e\n"
+                        + ("NeMo" if "NeMo" in r["name"] else "plain loop")
+                        + ("\n(medium)" if "matmul medium" in r["name"] else ""),
                         r["ratio_vs_state"],
                         GOALS["train"],
                     )
@@ -1123,7 +1153,11 @@ def chart(results: dict[str, Any], path: Path) -> None:
         for r in results["infer"]["rows"]:
             if r["model"] == "ours":
                 speed.append(
-                    (f"infer {r['measurement'].split()[-1]}", r.get("ratio_cells_per_s", float("nan")), GOALS["infer"])
+                    (
+                        r["measurement"].replace("inference ", "infer ").replace(", matmul medium", "\n(medium)"),
+                        r.get("ratio_cells_per_s", float("nan")),
+                        GOALS["infer"],
+                    )
                 )
     scale = results.get("scale", {}).get("ratios", {})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 1.3]})
@@ -1255,6 +1289,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--skip-steps", type=int, default=20, help="warm-up steps excluded (STATE: half as many)")
     g.add_argument("--windows", type=int, default=5, help="timing windows after the warm-up (median/IQR over them)")
     g.add_argument("--skip-nemo", action="store_true", help="leave out the `bionemo-scale train` run")
+    g.add_argument(
+        "--skip-medium",
+        action="store_true",
+        help="leave out our training runs at float32 matmul precision 'medium' (`state tx train`'s own setting)",
+    )
     g.add_argument("--timeout", type=float, default=900, help="seconds allowed to each training process")
     g = ap.add_argument_group("inference")
     g.add_argument("--infer-repeats", type=int, default=3)

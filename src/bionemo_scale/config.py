@@ -308,6 +308,12 @@ class TrainerConfig(StrictModel):
     tensor_model_parallel_size: int = Field(1, ge=1)
     pipeline_model_parallel_size: int = Field(1, ge=1)
     precision: Literal["32", "bf16-mixed"] = "32"
+    matmul_precision: Literal["highest", "high", "medium"] = Field(
+        "highest",
+        description="torch float32 matmul precision while training: 'high' lets Ampere+ GPUs use TF32, "
+        "'medium' lets GPUs and AMX/AVX512-BF16 CPUs use bf16 products inside float32 matmuls (faster, "
+        "fewer digits); set distances and OT costs run in float64 whenever it is not 'highest'",
+    )
     seed: int = Field(1234, ge=0)
     deterministic: bool = True
 

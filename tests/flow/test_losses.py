@@ -237,3 +237,32 @@ def test_rbf_mmd_gradient_finite_and_bandwidth_validation() -> None:
         rbf_mmd(x, x, ())
     with pytest.raises(ValueError, match="bandwidths"):
         rbf_mmd(x, x, (1.0, -1.0))
+
+
+def test_reduced_matmul_precision_keeps_set_distances_in_float64() -> None:
+    """Under TF32/bf16 matmul precision the distance expansion would lose digits, so it runs in float64."""
+    import geomloss
+
+    from bionemo_scale.matmul_precision import float32_matmul_precision, reduced_matmul_precision
+
+    x32, y32 = _sets(b=2, n=6, m=9, dtype=torch.float32)
+    assert not reduced_matmul_precision() and energy_distance(x32, y32).dtype == torch.float32
+    with float32_matmul_precision("medium"):
+        assert reduced_matmul_precision()
+        got = energy_distance(x32, y32)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, geomloss.SamplesLoss("energy")(x32.double(), y32.double()), rtol=0, atol=1e-12)
+        assert pairwise_sq_distances(x32).dtype == torch.float64
+        assert energy_distance(x32, y32, compute_dtype=torch.float32).dtype == torch.float32  # an explicit ask wins
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_matmul_precision_is_restored_after_errors_and_checked() -> None:
+    from bionemo_scale.matmul_precision import float32_matmul_precision
+
+    with pytest.raises(RuntimeError, match="inside"), float32_matmul_precision("high"):
+        assert torch.get_float32_matmul_precision() == "high"
+        raise RuntimeError("inside")
+    assert torch.get_float32_matmul_precision() == "highest"
+    with pytest.raises(ValueError, match="matmul precision"), float32_matmul_precision("low"):
+        pass

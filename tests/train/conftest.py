@@ -106,3 +106,21 @@ def kill_when(proc: subprocess.Popen, path: Path, min_rows: int, timeout: float 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return rows
+
+
+def reduced_precision_changes_matmuls() -> bool:
+    """Whether torch's 'medium' float32 matmul precision changes products on this machine.
+
+    It does on GPUs and on CPUs whose oneDNN kernels have bf16 (AMX, AVX512-BF16); elsewhere the
+    setting is accepted but every product stays float32, so its numerical effect cannot be seen.
+    """
+    import torch
+
+    from bionemo_scale.matmul_precision import float32_matmul_precision
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g)
+    full = a @ b
+    with float32_matmul_precision("medium"):
+        reduced = a @ b
+    return not torch.equal(full, reduced)

@@ -327,3 +327,19 @@ def test_predict_from_the_best_checkpoint(base_run: Path, prediction: Path, demo
     assert proc.returncode == 2
     assert "is a release, which holds one set of weights" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_predict_at_reduced_matmul_precision(release: Path, demo_data: Path, tmp_path: Path) -> None:
+    """`--matmul-precision medium` predicts the same cells to within bf16 rounding."""
+    from tests.train.conftest import reduced_precision_changes_matmuls
+
+    common = ["predict", "--checkpoint", str(release), "--data", str(demo_data), "--split", str(SPLIT),
+              "--no-count-lattice"]  # fmt: skip
+    cli(*common, "--output", str(tmp_path / "full.h5ad"))
+    cli(*common, "--output", str(tmp_path / "medium.h5ad"), "--matmul-precision", "medium")
+    full, medium = ad.read_h5ad(tmp_path / "full.h5ad"), ad.read_h5ad(tmp_path / "medium.h5ad")
+    assert (full.obs_names == medium.obs_names).all()
+    x, y = full.X.toarray(), medium.X.toarray()
+    assert np.abs(x - y).max() < 0.05 * max(1.0, float(np.abs(x).max()))
+    if reduced_precision_changes_matmuls():
+        assert np.abs(x - y).max() > 0

@@ -40,8 +40,10 @@ def test_model_loss_and_seed_changes_are_conflicts() -> None:
 def test_a_run_written_before_a_setting_existed_had_its_default() -> None:
     old = _cfg().model_dump(mode="json")
     del old["model"]["prior_rank"], old["model"]["prior_basis_leave_one_out"]  # keys added after such runs
-    del old["model"]["center_controls"]
+    del old["model"]["center_controls"], old["trainer"]["matmul_precision"]
     assert resume_conflicts(old, _cfg().model_dump(mode="json")) == []
+    medium = _cfg(trainer__matmul_precision="medium").model_dump(mode="json")
+    assert resume_conflicts(old, medium) == ["trainer.matmul_precision: highest -> medium"]
     centred = _cfg(model__center_controls=True).model_dump(mode="json")
     assert resume_conflicts(old, centred) == ["model.center_controls: False -> True"]
     assert resume_conflicts(old, _cfg(model__prior_rank=8).model_dump(mode="json")) == ["model.prior_rank: None -> 8"]

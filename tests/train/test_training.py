@@ -258,3 +258,23 @@ def test_prior_rank_is_applied_and_saved_with_the_run(demo_data: Path, base_run:
     assert saved.rank == 3 and AdditivePrior.load(base_run / "prior.safetensors").rank is None
     base, ranked = read_losses(base_run / "train_loss.csv")[:10], read_losses(out / "train_loss.csv")
     assert any(abs(a - b) > 1e-6 for (_, a), (_, b) in zip(base, ranked, strict=True))
+
+
+def test_matmul_precision_is_a_training_setting(demo_data: Path, base_run: Path, tmp_path: Path) -> None:
+    """`trainer.matmul_precision=medium` trains (bf16 products where the hardware has them), is recorded
+    with the run, and a resume may not change it."""
+    import yaml
+
+    from tests.train.conftest import reduced_precision_changes_matmuls
+
+    out = tmp_path / "medium"
+    cli(*train_args(demo_data, out, 10, "trainer.matmul_precision=medium"))
+    assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["matmul_precision"] == "medium"
+    base, medium = read_losses(base_run / "train_loss.csv")[:10], read_losses(out / "train_loss.csv")
+    assert [s for s, _ in medium] == list(range(1, 11)) and all(np.isfinite(v) for _, v in medium)
+    # close to the full-precision run at the first step, before the trajectories can drift apart
+    assert abs(medium[0][1] - base[0][1]) < 0.02 * abs(base[0][1])
+    if reduced_precision_changes_matmuls():  # otherwise the setting has no numerical effect to see
+        assert any(abs(a - b) > 1e-7 for (_, a), (_, b) in zip(base, medium, strict=True))
+    proc = cli(*train_args(demo_data, out, 20), check=False)
+    assert proc.returncode != 0 and "trainer.matmul_precision: medium -> highest" in proc.stdout + proc.stderr

@@ -5,10 +5,11 @@ one value per set pair, so the caller chooses how to weight and reduce them. Two
 have different sizes (``N != M``). All distance arithmetic runs in at least float32 with autocast
 disabled: under bf16 autocast the ``|a|² + |b|² - 2a·b`` expansion would lose every digit.
 
-TF32 caveat: with ``torch.set_float32_matmul_precision("high")`` (or ``allow_tf32``) on an Ampere+ GPU,
-float32 matmuls keep ~10 mantissa bits and distances carry ~1e-3 relative error (geomloss has the same
-exposure). Global flags are not toggled here; pass ``compute_dtype=torch.float64`` where that matters
-(cheap at set sizes: the cost is ``B·N·M·D`` FLOPs).
+Reduced matmul precision: with ``torch.set_float32_matmul_precision("high")`` (TF32 on Ampere+ GPUs) or
+``"medium"`` (bf16 products, also on AMX CPUs), float32 matmuls keep ~10 or ~7 mantissa bits and the
+expansion's distances would carry ~1e-3 relative error or worse (geomloss has the same exposure). So
+whenever the setting is not ``"highest"`` the default work dtype here is float64 (cheap at set sizes:
+the cost is ``B·N·M·D`` FLOPs); ``compute_dtype`` still overrides it. Global flags are never toggled here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from bionemo_scale.matmul_precision import reduced_matmul_precision
 
 __all__ = [
     "DEFAULT_RBF_BANDWIDTHS",
@@ -67,7 +70,9 @@ def _work_dtype(*tensors: torch.Tensor, compute_dtype: torch.dtype | None = None
         if compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be float32 or float64, got {compute_dtype}")
         return compute_dtype
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if reduced_matmul_precision() or any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64  # a float32 matmul may be TF32/bf16 inside: the expansion would lose the distances
+    return torch.float32
 
 
 def pairwise_sq_distances(
@@ -78,7 +83,8 @@ def pairwise_sq_distances(
     Uses the matmul expansion (memory ``N·M``, not ``N·M·D``) on centred inputs, which cuts the float32
     cancellation error, and clamps at 0. For self-distances (``y=None``) the diagonal is set to exactly
     0, so it carries neither rounding noise nor gradient; pass ``y=None`` rather than ``y=x`` for that.
-    Computed in ``compute_dtype`` (default: float32, float64 if an input is float64) with autocast off.
+    Computed in ``compute_dtype`` (default: float32; float64 if an input is float64 or the float32 matmul
+    precision is reduced) with autocast off.
     In float32, points that coincide *across* ``x`` and ``y`` get ``d² ≈ ulp·|x|²`` rather than 0.
     """
     dtype = _work_dtype(x, compute_dtype=compute_dtype) if y is None else _work_dtype(x, y, compute_dtype=compute_dtype)

@@ -28,6 +28,7 @@ import torch
 from bionemo_scale.atomic import atomic_file
 from bionemo_scale.config import ScaleConfig, dump_yaml
 from bionemo_scale.errors import ScaleError
+from bionemo_scale.matmul_precision import float32_matmul_precision
 from bionemo_scale.parallel import optimizer_device_flags, patch_nemo_for_cpu
 from bionemo_scale.train import nemo_compat
 from bionemo_scale.train.resume import SPLIT_RECORD, check_resume, check_split_unchanged, split_record
@@ -340,9 +341,6 @@ def train(
     """Train, fine-tune (cfg.init_from) or resume into `run_dir`; returns the run directory."""
     from nemo.lightning.pytorch.callbacks import ModelCheckpoint  # noqa: F401 - fail early if NeMo is broken
 
-    from bionemo_scale.train.data import ScaleDataModule
-    from bionemo_scale.train.module import ScaleLightningModule
-
     run_dir = Path(run_dir)
     check_world(cfg)
     if resolve_accelerator(cfg) == "cpu" and cfg.model.spec == "te":
@@ -351,6 +349,21 @@ def train(
     check_resume(cfg, run_dir)
     if _already_trained(cfg, run_dir):
         return run_dir
+    with float32_matmul_precision(cfg.trainer.matmul_precision):
+        return _fit(cfg, run_dir, vocab, extra_callbacks, gene_map, progress)
+
+
+def _fit(
+    cfg: ScaleConfig,
+    run_dir: Path,
+    vocab: dict[str, object],
+    extra_callbacks: list[pl.Callback] | None,
+    gene_map: dict[str, str] | None,
+    progress: bool,
+) -> Path:
+    from bionemo_scale.train.data import ScaleDataModule
+    from bionemo_scale.train.module import ScaleLightningModule
+
     pl.seed_everything(cfg.trainer.seed, workers=True)
     torch.use_deterministic_algorithms(cfg.trainer.deterministic, warn_only=True)
 
