@@ -74,6 +74,8 @@ def thread_env(threads: int, wait_policy: str | None = None) -> dict[str, str]:
     env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     if wait_policy:
         env["OMP_WAIT_POLICY"] = wait_policy.upper()
+    else:
+        env.pop("OMP_WAIT_POLICY", None)  # unset means libgomp's default, whatever the caller's shell had
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("PYTHONPATH", None)  # nothing of one venv may leak into the other
     return env
