@@ -346,6 +346,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             lattice=lattice, control_means=control_means,
         )  # fmt: skip
     pred, real = build_anndata(data, plans, pred_X, kind=f"scale:{args.checkpoint}", lattice=lattice)
+    pred.uns["bionemo_scale"]["matmul_precision"] = args.matmul_precision  # provenance: digits of the products
     real_path = write_predictions(pred, real, Path(args.output), overwrite=args.overwrite)
     print(f"wrote {args.output} ({pred.n_obs:,} cells, {len(groups)} held-out groups) and {real_path}")
     return 0

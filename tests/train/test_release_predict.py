@@ -339,6 +339,7 @@ def test_predict_at_reduced_matmul_precision(release: Path, demo_data: Path, tmp
     cli(*common, "--output", str(tmp_path / "medium.h5ad"), "--matmul-precision", "medium")
     full, medium = ad.read_h5ad(tmp_path / "full.h5ad"), ad.read_h5ad(tmp_path / "medium.h5ad")
     assert (full.obs_names == medium.obs_names).all()
+    assert [a.uns["bionemo_scale"]["matmul_precision"] for a in (full, medium)] == ["highest", "medium"]
     x, y = full.X.toarray(), medium.X.toarray()
     assert np.abs(x - y).max() < 0.05 * max(1.0, float(np.abs(x).max()))
     if reduced_precision_changes_matmuls():
