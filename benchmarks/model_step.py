@@ -9,7 +9,8 @@ What is timed (no data loading: both models read the same pre-drawn set pairs fr
   - ours: `prepare_flow_batch` (exact OT coupling inside each set, flow time t, context
     dropout) + `ScaleModel.forward` + `loss_terms` (endpoint, gene, pseudobulk,
     reconstruction, energy distance) + backward + grad-norm clip 1.0 + AdamW (lr 3e-4, betas
-    0.9/0.95, wd 0.01: our OptimConfig) — a plain torch loop, no NeMo/megatron DDP wrappers.
+    0.9/0.95, wd 0.01: our OptimConfig; torch's fused CPU kernel, as `train` runs it on CPU by
+    default, `optim.cpu_fused_adam`) — a plain torch loop, no NeMo/megatron DDP wrappers.
   - STATE: `StateTransitionPerturbationModel.training_step` (forward + its default energy
     loss, geomloss `SamplesLoss('energy', blur=0.05)`) + backward + grad-norm clip 10 (STATE's
     gradient_clip_val) + its own `configure_optimizers()` (Adam, lr 1e-4), without Lightning.
@@ -183,7 +184,8 @@ def ours_train_step(model: Any, cfg: Any, seed: int) -> Callable[[dict[str, Any]
     from bionemo_scale.model.scale_model import conditions_of
 
     flow = FlowConfig()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    # fused: what `train` steps on CPU by default (optim.cpu_fused_adam)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
 
     def step(batch: dict[str, Any]) -> Any:
         b = prepare_flow_batch(

@@ -59,6 +59,14 @@ def test_a_run_written_before_a_setting_existed_had_its_default() -> None:
     assert resume_conflicts(no_term, _cfg().model_dump(mode="json")) == ["flow.pseudobulk_weight: <unset> -> 1.0"]
 
 
+def test_a_run_from_before_the_fused_cpu_adam_resumes_only_with_the_loop() -> None:
+    # the fused kernel is the default now, but it does not reproduce the loop's steps bit for bit
+    old = _cfg().model_dump(mode="json")
+    del old["optim"]["cpu_fused_adam"]
+    assert resume_conflicts(old, _cfg().model_dump(mode="json")) == ["optim.cpu_fused_adam: False -> True"]
+    assert resume_conflicts(old, _cfg(optim__cpu_fused_adam=False).model_dump(mode="json")) == []
+
+
 def test_check_resume_reads_the_run_directory(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

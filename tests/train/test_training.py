@@ -278,3 +278,18 @@ def test_matmul_precision_is_a_training_setting(demo_data: Path, base_run: Path,
         assert any(abs(a - b) > 1e-7 for (_, a), (_, b) in zip(base, medium, strict=True))
     proc = cli(*train_args(demo_data, out, 20), check=False)
     assert proc.returncode != 0 and "trainer.matmul_precision: medium -> highest" in proc.stdout + proc.stderr
+
+
+def test_the_fused_cpu_adam_is_the_default_and_the_loop_still_trains(
+    demo_data: Path, base_run: Path, tmp_path: Path
+) -> None:
+    """`optim.cpu_fused_adam=false` steps torch's per-tensor Adam loop: the same updates to float32
+    rounding, so the losses agree closely but not bit for bit with the default (fused) run."""
+    out = tmp_path / "loop"
+    cli(*train_args(demo_data, out, 10, "optim.cpu_fused_adam=false"))
+    fused, loop = read_losses(base_run / "train_loss.csv")[:10], read_losses(out / "train_loss.csv")
+    assert [s for s, _ in loop] == list(range(1, 11))
+    assert fused[0] == loop[0]  # the first loss comes before any optimizer step
+    for (_, a), (_, b) in zip(fused, loop, strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+    assert any(a != b for (_, a), (_, b) in zip(fused, loop, strict=True)), "the setting did not reach the optimizer"

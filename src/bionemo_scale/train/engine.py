@@ -29,8 +29,9 @@ from bionemo_scale.atomic import atomic_file
 from bionemo_scale.config import ScaleConfig, dump_yaml
 from bionemo_scale.errors import ScaleError
 from bionemo_scale.matmul_precision import float32_matmul_precision
-from bionemo_scale.parallel import optimizer_device_flags, patch_nemo_for_cpu
+from bionemo_scale.parallel import patch_nemo_for_cpu
 from bionemo_scale.train import nemo_compat
+from bionemo_scale.train.optimizer import build_optimizer
 from bionemo_scale.train.resume import SPLIT_RECORD, check_resume, check_split_unchanged, split_record
 
 logger = logging.getLogger(__name__)
@@ -139,30 +140,6 @@ class LossHistory(pl.Callback):
         value = trainer.callback_metrics.get("val_loss")
         if value is not None and _is_logging_rank() and not trainer.sanity_checking:
             _append_row(self.val_path, ["step", "val_loss"], [trainer.global_step, f"{float(value):.10g}"])
-
-
-def build_optimizer(cfg: ScaleConfig):
-    from megatron.core.optimizer import OptimizerConfig
-    from nemo.lightning.pytorch.optim import CosineAnnealingScheduler, MegatronOptimizerModule
-
-    o = cfg.optim
-    bf16 = cfg.trainer.precision == "bf16-mixed"
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    config = OptimizerConfig(
-        optimizer="adam",
-        lr=o.lr,
-        min_lr=o.min_lr,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2,
-        clip_grad=o.clip_grad,
-        params_dtype=dtype,
-        **optimizer_device_flags(resolve_accelerator(cfg) == "cpu", params_dtype=dtype),
-    )
-    scheduler = CosineAnnealingScheduler(
-        max_steps=cfg.trainer.max_steps, warmup_steps=o.warmup_steps, constant_steps=0, min_lr=o.min_lr
-    )
-    return MegatronOptimizerModule(config=config, lr_scheduler=scheduler)
 
 
 def build_trainer(
@@ -372,7 +349,9 @@ def _fit(
         from bionemo_scale.eval.callback import BiologicalMetricsCallback
 
         callbacks.append(BiologicalMetricsCallback.from_config(cfg, run_dir))
-    module = ScaleLightningModule(cfg, optim=build_optimizer(cfg), run_vocab=vocab, init_from=cfg.init_from)
+    module = ScaleLightningModule(
+        cfg, optim=build_optimizer(cfg, cpu=resolve_accelerator(cfg) == "cpu"), run_vocab=vocab, init_from=cfg.init_from
+    )
     datamodule = ScaleDataModule(cfg, seq_length=module.seq_length, run_vocab=vocab, gene_map=gene_map)
     split = split_record(datamodule.data.index, datamodule.labels, str(cfg.data.split))
     check_split_unchanged(run_dir, split)

@@ -54,18 +54,26 @@ ADDED_KEYS: dict[str, Callable[[dict[str, object]], bool]] = {
     "trainer.matmul_precision": lambda old: True,  # before it, training never changed torch's default (= highest)
 }
 
+# Settings added after runs were written whose default does *not* reproduce the runs before them,
+# with the value that does: an old run resumes only when that value is asked for.
+LEGACY_VALUES: dict[str, object] = {
+    "optim.cpu_fused_adam": False,  # before it, CPU runs stepped torch's per-tensor Adam loop
+}
+
 
 def resume_conflicts(old: dict[str, object], new: dict[str, object], ignore: tuple[str, ...] = ()) -> list[str]:
     """`key: old -> new` for every setting that differs and that a resumed run may not change.
 
     A key the old config lacks (the run predates it) counts as its default where `ADDED_KEYS`
-    says the old run behaved that way, and as `<unset>` (a conflict) everywhere else.
+    says the old run behaved that way, as its `LEGACY_VALUES` value where it has one, and as
+    `<unset>` (a conflict) everywhere else.
     """
     flat_old, flat_new = flatten_config(old), flatten_config(new)
     defaults = flatten_config(ScaleConfig().model_dump(mode="json"))
     filled = {
         k: defaults[k] for k, same in ADDED_KEYS.items() if k not in flat_old and k in defaults and same(flat_old)
     }
+    filled.update({k: v for k, v in LEGACY_VALUES.items() if k not in flat_old})
     flat_old = {**flat_old, **filled}
     out = []
     for key in sorted(set(flat_old) | set(flat_new)):
