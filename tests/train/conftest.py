@@ -26,14 +26,20 @@ FAST = [
 ]
 
 
-def cli(*args: str, nproc: int = 1, timeout: float = 420, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `bionemo-scale ARGS` (under torchrun when nproc > 1); the log is in the result."""
+def cli(
+    *args: str, nproc: int = 1, timeout: float = 420, check: bool = True, quiet: bool = True
+) -> subprocess.CompletedProcess:
+    """Run `bionemo-scale ARGS` (under torchrun when nproc > 1); the log is in the result.
+
+    `quiet=False` keeps the INFO log lines (and progress bars) that `-q` drops.
+    """
+    flags = ["-q"] if quiet else []
     if nproc == 1:
-        cmd = [sys.executable, "-m", "bionemo_scale.cli", "-q", *args]
+        cmd = [sys.executable, "-m", "bionemo_scale.cli", *flags, *args]
     else:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "bionemo_scale.cli", "-q", *args,
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "bionemo_scale.cli", *flags, *args,
         ]  # fmt: skip
     env = worker_env({"OMP_NUM_THREADS": "1" if nproc > 1 else "2"})
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
@@ -78,10 +84,18 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny_cpu, one process, 30 steps: validation + checkpoints at 10, 20, 30."""
+    """tiny_cpu, one process, 30 steps: validation + checkpoints at 10, 20, 30.
+
+    Its INFO log is kept beside the run, in `base_log(run)`, for the tests that read what it did.
+    """
     out = tmp_path_factory.mktemp("runs") / "base"
-    cli(*train_args(demo_data, out, 30))
+    proc = cli(*train_args(demo_data, out, 30), quiet=False)
+    base_log(out).write_text(proc.stdout + proc.stderr)
     return out
+
+
+def base_log(run: Path) -> Path:
+    return run.with_name(run.name + ".log")
 
 
 @pytest.fixture(scope="session")

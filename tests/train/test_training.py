@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from tests._torchrun import REPO_ROOT, worker_env
-from tests.train.conftest import SPLIT, cli, kill_when, read_losses, tb_scalars, train_args
+from tests.train.conftest import SPLIT, base_log, cli, kill_when, read_losses, tb_scalars, train_args
 
 pytestmark = [pytest.mark.slow]
 
@@ -283,13 +283,18 @@ def test_matmul_precision_is_a_training_setting(demo_data: Path, base_run: Path,
 def test_the_fused_cpu_adam_is_the_default_and_the_loop_still_trains(
     demo_data: Path, base_run: Path, tmp_path: Path
 ) -> None:
-    """`optim.cpu_fused_adam=false` steps torch's per-tensor Adam loop: the same updates to float32
-    rounding, so the losses agree closely but not bit for bit with the default (fused) run."""
+    """The default run steps torch's fused CPU Adam and `optim.cpu_fused_adam=false` its per-tensor
+    loop: the same update to float32 rounding, so the losses agree closely. Whether they also agree
+    bit for bit depends on the CPU's kernels and on the step sizes (at warm-up's small learning
+    rates the two updates round to the same weights on some hosts), so which kernel each run
+    stepped is read from its log, not inferred from the losses."""
     out = tmp_path / "loop"
-    cli(*train_args(demo_data, out, 10, "optim.cpu_fused_adam=false"))
+    proc = cli(*train_args(demo_data, out, 10, "optim.cpu_fused_adam=false"), quiet=False)
     fused, loop = read_losses(base_run / "train_loss.csv")[:10], read_losses(out / "train_loss.csv")
     assert [s for s, _ in loop] == list(range(1, 11))
     assert fused[0] == loop[0]  # the first loss comes before any optimizer step
     for (_, a), (_, b) in zip(fused, loop, strict=True):
         assert b == pytest.approx(a, rel=1e-4)
-    assert any(a != b for (_, a), (_, b) in zip(fused, loop, strict=True)), "the setting did not reach the optimizer"
+    switched = "Adam runs torch's fused CPU kernel"
+    assert switched in base_log(base_run).read_text(), "the default run did not step the fused kernel"
+    assert switched not in proc.stdout + proc.stderr, "optim.cpu_fused_adam=false did not reach the optimizer"
