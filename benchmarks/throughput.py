@@ -28,6 +28,14 @@ Parts (each can be run alone with --parts):
 - infer: inference cells/s at NFE=1 and 10 vs STATE's forward (model_step.py's protocol,
   G = the genes of the train data), and ours at NFE=1 with `predict --matmul-precision medium`
   (STATE predicts at 'highest', as `state tx predict` does).
+- predict: end-to-end prediction of held-out pairs, each tool's own command as a user runs it:
+  `bionemo-scale predict` (NFE 1 and 10) against `state tx predict --predict-only`, both
+  reading the cells from disk and writing AnnData. Both models are first trained for
+  --predict-train-steps steps on a split holding out --predict-pairs LARGE perturbations of one
+  context; each command then runs on that split and on one holding out SMALL of them, and its
+  rate is extra predicted cells / extra wall time, so start-up and loading costs cancel
+  (`_predict_e2e.py`). This is the comparison the paper's inference claim makes (its speed-up
+  comes from the data pipeline); the model-only `infer` rows stay beside it.
 - scale: `write_synthetic_dataset` at 1M and 5M cells (--scale-genes genes, 256 by default
   so that writing 5M cells takes ~5 min; library size --scale-library; both generated
   concurrently), then our plain training loop for --scale-steps steps on each in a
@@ -35,12 +43,13 @@ Parts (each can be run alone with --parts):
   whose touched pages count towards RSS as file-backed page cache (reclaimable; reported
   beside it). The data are deleted afterwards unless --keep.
 
-Default run: ~15 min on an idle 2-core machine (--quick: ~3 min). Timings on a shared machine
+Default run: ~25 min on an idle 2-core machine, of which `predict` ~13 min (--quick: ~5 min). Timings on a shared machine
 are unreliable: every row records the 1-min load average; the 2-thread runs slow down by far
 more than 2× when another process holds a core.
 
 Outputs: throughput.md, throughput.json and throughput.png in --out (--docs-img also copies the
-PNG). Goals (issue 6): data ≥10×, training ≥3×, inference ≥2×,
+PNG). Goals (issue 6): data ≥10×, training ≥3×, inference ≥2× (read on both the model-only and
+the end-to-end rows),
 RSS(5M)/RSS(1M) ≤1.1.
 """
 
@@ -515,8 +524,16 @@ class CsvStepClock:
 
 
 def train_ours_nemo(
-    case: Case, split: Path, args: argparse.Namespace, out: Path, steps: int, precision: str = "highest"
+    case: Case,
+    split: Path,
+    args: argparse.Namespace,
+    out: Path,
+    steps: int,
+    precision: str = "highest",
+    tag: str = "train",
+    keep: bool = False,
 ) -> dict[str, Any]:
+    """`bionemo-scale train` timed from its step stamps; the run folder is deleted unless `keep`."""
     from bionemo_scale.config import (
         CheckpointConfig,
         DataConfig,
@@ -550,7 +567,7 @@ def train_ours_nemo(
         checkpoint=CheckpointConfig(every_n_train_steps=steps, monitor="val_loss"),
         eval=EvalConfig(enabled=False),
     )
-    suffix = "" if precision == "highest" else f"_{precision}"
+    suffix = ("" if precision == "highest" else f"_{precision}") + ("" if tag == "train" else f"_{tag}")
     cfg_path = out / "specs" / f"nemo_config{suffix}.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(dump_yaml(cfg))
@@ -575,7 +592,7 @@ def train_ours_nemo(
             cmd,
             env=thread_env(args.threads, args.omp_wait_policy),
             cwd=REPO,
-            log_path=out / "logs" / f"train_ours_nemo{suffix}.log",
+            log_path=out / "logs" / f"{tag}_ours_nemo{suffix}.log",
             timeout_s=args.timeout,
         )
     # both clocks start within milliseconds of each other; prefer the csv rows, fall back to the bar
@@ -589,16 +606,25 @@ def train_ours_nemo(
             windowed_rates(bar, args.skip_steps, args.windows, 2 * args.set_size * args.batch_sets)["rates"]
         ).median
     name = f"ours (`bionemo-scale train`, NeMo{_precision_note(precision)})"
-    res = _train_result(name, child, stamps, args, args.skip_steps, extra)
-    if not args.keep:
+    res = _train_result(name, child, stamps, args, min(args.skip_steps, steps // 2), extra)
+    if not (args.keep or keep):
         shutil.rmtree(run_dir, ignore_errors=True)
     return res
 
 
-def train_state(case: Case, args: argparse.Namespace, out: Path, steps: int) -> dict[str, Any]:
-    run_root = out / "runs" / "state"
+def train_state(
+    case: Case,
+    args: argparse.Namespace,
+    out: Path,
+    steps: int,
+    toml: Path | None = None,
+    tag: str = "train",
+    keep: bool = False,
+) -> dict[str, Any]:
+    """`state tx train` on `toml` (default: every pair in training); its run is deleted unless `keep`."""
+    run_root = out / "runs" / ("state" if tag == "train" else f"state_{tag}")
     overrides = [
-        f"data.kwargs.toml_config_path={case.cell_load / 'X_hvg.toml'}",
+        f"data.kwargs.toml_config_path={toml or case.cell_load / 'X_hvg.toml'}",
         "data.kwargs.embed_key=X_hvg",
         "data.kwargs.output_space=gene",
         f"data.kwargs.pert_col={case.pert_col}",
@@ -632,7 +658,7 @@ def train_state(case: Case, args: argparse.Namespace, out: Path, steps: int) -> 
         [str(STATE_BIN), "tx", "train", *overrides],
         env=env,
         cwd=out,
-        log_path=out / "logs" / "train_state.log",
+        log_path=out / "logs" / f"{tag}_state.log",
         timeout_s=args.timeout,
     )
     stamps = progress_bar_steps(child.lines)
@@ -644,9 +670,11 @@ def train_state(case: Case, args: argparse.Namespace, out: Path, steps: int) -> 
         "startup_s": fit0,
     }
     skip = max(1, args.skip_steps // 2)  # STATE's steps are slow: fewer of them, fewer skipped
+    skip = min(skip, steps // 2)
     res = _train_result("STATE (`state tx train`)", child, stamps, args, skip, extra)
     res["skip_steps"] = skip
-    if not args.keep:
+    res["run_dir"] = str(run_root / "run")
+    if not (args.keep or keep):
         shutil.rmtree(run_root, ignore_errors=True)
     return res
 
@@ -699,6 +727,76 @@ def part_infer(genes: int, args: argparse.Namespace, out: Path) -> dict[str, Any
         "labels": [op_label(*o) for o in ops],
         "params": {k: v.get("params") for k, v in raw["ready"].items()},
     }
+
+
+# -- part 3b: end-to-end prediction ------------------------------------------------------------
+def part_predict(case: Case, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """`bionemo-scale predict` vs `state tx predict` on the same held-out cells (see _predict_e2e.py)."""
+    import _predict_e2e as e2e
+
+    pout = out / "predict"
+    splits = e2e.held_out_splits(case.processed, case.cell_load / "X_hvg", pout / "splits", tuple(args.predict_pairs))
+    small, large = splits
+    logger.info("[predict] held-out cells: %s %d, %s %d", small.label, small.cells, large.label, large.cells)
+    warm_page_cache([case.processed / "scdl", case.cell_load / "X_hvg"])
+    steps = args.predict_train_steps
+    ours_run = train_ours_nemo(case, large.path, args, out, steps, tag="predict", keep=True)
+    state_run = train_state(case, args, out, steps, toml=large.path, tag="predict", keep=True)
+    failed = [r["name"] for r in (ours_run, state_run) if r["returncode"] != 0]
+    if failed:
+        raise RuntimeError(f"training for the prediction part failed: {failed} (logs in {out / 'logs'})")
+    state_dir = Path(state_run["run_dir"])
+    ckpt = next((c for c in ("final.ckpt", "last.ckpt") if (state_dir / "checkpoints" / c).exists()), None)
+    if ckpt is None:
+        raise RuntimeError(f"`state tx train` wrote no final.ckpt or last.ckpt under {state_dir / 'checkpoints'}")
+    # None of the runs writes into another's files; each command's outputs are overwritten by its next round.
+    commands: dict[str, tuple[e2e.Command, e2e.Command]] = {}
+    for nfe in args.predict_nfe:
+        label = f"ours, `bionemo-scale predict` NFE={nfe}"
+        commands[label] = tuple(  # type: ignore[assignment]
+            e2e.Command(
+                "ours",
+                label,
+                sp.label,
+                sp.cells,
+                e2e.ours_command(MAIN_BIN, Path(ours_run["run_dir"]), case.processed, sp, pout, nfe),
+            )
+            for sp in splits
+        )
+    label = "STATE, `state tx predict`"
+    commands[label] = tuple(  # type: ignore[assignment]
+        e2e.Command("STATE", label, sp.label, sp.cells, e2e.state_command(STATE_BIN, state_dir, ckpt, sp))
+        for sp in splits
+    )
+
+    def check_state_cells(c: e2e.Command, run: dict[str, Any]) -> dict[str, Any]:
+        """STATE must have predicted every held-out cell; its rate counts every row it predicted."""
+        if c.tool != "STATE":
+            return {}
+        got = e2e.take_state_output(state_dir, ckpt, case.pert_col, case.control)
+        if run["returncode"] != 0:
+            return {}
+        if got is None or got[1] != c.cells:
+            raise RuntimeError(
+                f"`state tx predict` on {c.split} predicted {got} (all, perturbed) cells, expected {c.cells} perturbed"
+            )
+        return {"predicted_cells": got[0], "predicted_perturbed_cells": got[1]}
+
+    # interleaved: each round runs every command at the small size, then at the large one
+    order = [pair[0] for pair in commands.values()] + [pair[1] for pair in commands.values()]
+    e2e.run_rounds(
+        order, args.predict_rounds, args.threads, args.omp_wait_policy, out / "logs" / "predict", args.timeout,
+        after_run=check_state_cells,
+    )  # fmt: skip
+    res = {"splits": [vars(sp) | {"path": str(sp.path)} for sp in splits], "tools": e2e.summarise(commands)}
+    res["state_checkpoint"] = ckpt
+    state = res["tools"][label]["cells_per_s"]
+    for r in res["tools"].values():
+        r["ratio_vs_state"] = r["cells_per_s"] / state if state == state and state > 0 else float("nan")
+    if not args.keep:
+        shutil.rmtree(Path(ours_run["run_dir"]), ignore_errors=True)
+        shutil.rmtree(state_dir.parent, ignore_errors=True)
+    return res
 
 
 # -- part 4: scale behaviour -------------------------------------------------------------------
@@ -1012,6 +1110,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"interleaved repeats × {args.infer_iters} calls (model_step.py's protocol). STATE has one forward "
             "evaluation (NFE=1).\n"
         )
+    if "predict" in results:
+        out.append(predict_section(results["predict"], args, summary_rows))
     if "scale" in results:
         sc = results["scale"]
         out.append(f"### Scale behaviour: ours (plain loop), {args.scale_steps} steps, G={sc['genes']}\n")
@@ -1124,6 +1224,63 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(head + out) + tail
 
 
+def predict_section(pr: dict[str, Any], args: argparse.Namespace, summary_rows: list[list[str]]) -> str:
+    """The end-to-end prediction table; adds its rows against the inference goal to `summary_rows`."""
+    small, large = pr["splits"]
+    rows = []
+    state_name = next(n for n in pr["tools"] if n.startswith("STATE"))
+    state = pr["tools"][state_name]
+    for name, r in pr["tools"].items():
+        rows.append(
+            [
+                name,
+                f"{r['predicted_cells'][0]:,.0f} / {r['predicted_cells'][1]:,.0f}",
+                f"{r['wall_s'][0]:.1f} / {r['wall_s'][1]:.1f}",
+                fmt_num(r["cells_per_s"]),
+                ", ".join(fmt_num(x) for x in r["rates"]),
+                "1" if name == state_name else fmt_ratio(r["ratio_vs_state"]),
+                f"{r['peak_rss_mb']:,.0f} / {r['peak_anon_mb']:,.0f}",
+                f"{r['load_1m'][0]:.1f}–{r['load_1m'][1]:.1f}",
+            ]
+        )
+        if name != state_name:
+            summary_rows.append(
+                [
+                    f"prediction end to end: {name} vs `state tx predict`",
+                    fmt_num(r["cells_per_s"]),
+                    fmt_num(state["cells_per_s"]),
+                    fmt_ratio(r["ratio_vs_state"]),
+                    f"≥{GOALS['infer']:g}×",
+                    _mark(r["ratio_vs_state"], GOALS["infer"]),
+                ]
+            )
+    table = markdown_table(
+        [
+            "command",
+            f"cells predicted, {small['label']} / {large['label']}",
+            "wall s (median)",
+            "cells/s (median)",
+            "per round",
+            "÷ STATE",
+            "peak RSS / anon MB",
+            "load 1m",
+        ],
+        rows,
+    )
+    return (
+        f"### Prediction end to end: each tool's own command, {args.threads} threads\n\n"
+        + table
+        + f"\n\nHeld-out cells: {small['cells']:,} ({small['label']}) and {large['cells']:,} ({large['label']}) of one "
+        "context, the same cells for both tools; STATE also predicts the control cells cell-load puts in its test "
+        "split, and they count as its cells. cells/s = extra cells ÷ extra wall time between the two splits, "
+        f"per round ({args.predict_rounds} interleaved rounds), so start-up, checkpoint loading, cell-load's set-up "
+        "and our priors cancel; reading the control cells, the model (NFE as named), our count lattice and writing "
+        "the AnnData files remain. Both models trained "
+        f"{args.predict_train_steps} steps at the table's size (the weights do not change the cost). STATE: "
+        f"`state tx predict --predict-only` from `{pr['state_checkpoint']}`.\n"
+    )
+
+
 def chart(results: dict[str, Any], path: Path) -> None:
     """Left: ours ÷ STATE speed ratios with their goals; right: 5M ÷ 1M ratios with the 1.1 limit."""
     import matplotlib
@@ -1154,13 +1311,17 @@ def chart(results: dict[str, Any], path: Path) -> None:
             if r["model"] == "ours":
                 speed.append(
                     (
-                        r["measurement"].replace("inference ", "infer ").replace(", matmul medium", "\n(medium)"),
+                        r["measurement"].replace("inference ", "model only\n").replace(", matmul medium", "\n(medium)"),
                         r.get("ratio_cells_per_s", float("nan")),
                         GOALS["infer"],
                     )
                 )
+    if "predict" in results:
+        for name, r in results["predict"]["tools"].items():
+            if not name.startswith("STATE"):
+                speed.append(("predict e2e\n" + name.split("` ")[-1], r["ratio_vs_state"], GOALS["infer"]))
     scale = results.get("scale", {}).get("ratios", {})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 1.3]})
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [3.6, 1.3]})
     ax = axes[0]
     xs = range(len(speed))
     colors = ["tab:green" if r >= g else "tab:red" for _, r, g in speed]
@@ -1216,7 +1377,7 @@ def run(args: argparse.Namespace) -> None:
             os.cpu_count(),
             "" if args.omp_wait_policy else "; consider --omp-wait-policy passive",
         )
-    case = resolve_case(args.quick, out) if {"data", "train", "infer"} & set(args.parts) else None
+    case = resolve_case(args.quick, out) if {"data", "train", "infer", "predict"} & set(args.parts) else None
     if case:
         meta["case"] = {k: str(v) for k, v in case.__dict__.items()}
     for part in args.parts:
@@ -1227,6 +1388,8 @@ def run(args: argparse.Namespace) -> None:
             results["train"] = part_train(case, args, out)
         elif part == "infer":
             results["infer"] = part_infer(args.infer_genes or case.genes, args, out)
+        elif part == "predict":
+            results["predict"] = part_predict(case, args, out)
         elif part == "scale":
             results["scale"] = part_scale(args, out)
         part_s[part] = time.perf_counter() - t0
@@ -1264,9 +1427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="smoke test (~3 min on an idle machine): Norman data, few steps, 20k/100k-cell scale test",
     )
     ap.add_argument("--out", help="output directory (default bench_out/throughput, or throughput_quick)")
-    ap.add_argument(
-        "--parts", nargs="+", default=["data", "train", "infer", "scale"], choices=["data", "train", "infer", "scale"]
-    )
+    parts = ["data", "train", "infer", "predict", "scale"]
+    ap.add_argument("--parts", nargs="+", default=parts, choices=parts)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic scale data and the training run folders")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training and inference")
     add_model_size_args(ap)
@@ -1299,6 +1461,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--infer-repeats", type=int, default=3)
     g.add_argument("--infer-iters", type=int, default=10)
     g.add_argument("--infer-genes", type=int, help="default: the genes of the training data")
+    g = ap.add_argument_group("end-to-end prediction")
+    g.add_argument(
+        "--predict-pairs",
+        type=int,
+        nargs=2,
+        default=[2, 12],
+        metavar=("SMALL", "LARGE"),
+        help="held-out perturbations of one context in the two splits (rate = extra cells / extra wall time)",
+    )
+    g.add_argument("--predict-rounds", type=int, default=2, help="interleaved rounds of every prediction command")
+    g.add_argument("--predict-train-steps", type=int, default=10, help="training steps of each model before predicting")
+    g.add_argument("--predict-nfe", type=int, nargs="+", default=[1, 10], help="our integration steps (NFE) to time")
     g = ap.add_argument_group("scale behaviour")
     g.add_argument("--scale-cells", type=int, nargs=2, default=[1_000_000, 5_000_000])
     g.add_argument(
@@ -1316,6 +1490,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.train_steps, args.nemo_steps, args.state_steps = 16, 12, 10
         args.skip_steps, args.windows = 4, 3
         args.infer_repeats, args.infer_iters = 3, 2
+        args.predict_pairs, args.predict_rounds, args.predict_train_steps = [1, 3], 1, 4
         args.scale_cells, args.scale_genes, args.scale_steps = [20_000, 100_000], 128, 16
         args.docs_img = ""
     default_out(args, "throughput")
