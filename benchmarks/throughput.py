@@ -620,8 +620,12 @@ def train_state(
     toml: Path | None = None,
     tag: str = "train",
     keep: bool = False,
+    workers: int = 0,
 ) -> dict[str, Any]:
-    """`state tx train` on `toml` (default: every pair in training); its run is deleted unless `keep`."""
+    """`state tx train` on `toml` (default: every pair in training); its run is deleted unless `keep`.
+
+    `workers` is cell-load's `num_workers`, saved with the run (so `state tx predict` uses it too).
+    """
     run_root = out / "runs" / ("state" if tag == "train" else f"state_{tag}")
     overrides = [
         f"data.kwargs.toml_config_path={toml or case.cell_load / 'X_hvg.toml'}",
@@ -632,7 +636,7 @@ def train_state(
         f"data.kwargs.batch_col={case.batch_col}",
         f"data.kwargs.control_pert={case.control}",
         f"data.kwargs.basal_mapping_strategy={case.matching}",
-        "data.kwargs.num_workers=0",  # as ours: the loader runs in the training process
+        f"data.kwargs.num_workers={workers}",  # 0 as ours: the loader runs in the training process
         *state_model_overrides(**model_sizes(args)),
         f"training.max_steps={steps}",
         f"training.val_freq={steps}",
@@ -741,7 +745,9 @@ def part_predict(case: Case, args: argparse.Namespace, out: Path) -> dict[str, A
     warm_page_cache([case.processed / "scdl", case.cell_load / "X_hvg"])
     steps = args.predict_train_steps
     ours_run = train_ours_nemo(case, large.path, args, out, steps, tag="predict", keep=True)
-    state_run = train_state(case, args, out, steps, toml=large.path, tag="predict", keep=True)
+    state_run = train_state(
+        case, args, out, steps, toml=large.path, tag="predict", keep=True, workers=args.predict_state_workers
+    )
     failed = [r["name"] for r in (ours_run, state_run) if r["returncode"] != 0]
     if failed:
         raise RuntimeError(f"training for the prediction part failed: {failed} (logs in {out / 'logs'})")
@@ -763,7 +769,11 @@ def part_predict(case: Case, args: argparse.Namespace, out: Path) -> dict[str, A
             )
             for sp in splits
         )
-    label = "STATE, `state tx predict`"
+    label = "STATE, `state tx predict`" + (
+        f" ({args.predict_state_workers} loader worker{'s' * (args.predict_state_workers > 1)})"
+        if args.predict_state_workers
+        else ""
+    )
     commands[label] = tuple(  # type: ignore[assignment]
         e2e.Command("STATE", label, sp.label, sp.cells, e2e.state_command(STATE_BIN, state_dir, ckpt, sp))
         for sp in splits
@@ -1473,6 +1483,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--predict-rounds", type=int, default=2, help="interleaved rounds of every prediction command")
     g.add_argument("--predict-train-steps", type=int, default=10, help="training steps of each model before predicting")
     g.add_argument("--predict-nfe", type=int, nargs="+", default=[1, 10], help="our integration steps (NFE) to time")
+    g.add_argument(
+        "--predict-state-workers",
+        type=int,
+        default=0,
+        help="cell-load's num_workers for `state tx predict` (default 0: one process, as ours and the training rows)",
+    )
     g = ap.add_argument_group("scale behaviour")
     g.add_argument("--scale-cells", type=int, nargs=2, default=[1_000_000, 5_000_000])
     g.add_argument(
