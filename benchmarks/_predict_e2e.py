@@ -60,7 +60,12 @@ class Command:
 
 
 def held_out_splits(processed: Path, cell_load_dir: Path, out: Path, sizes: tuple[int, int]) -> list[SplitFile]:
-    """TOML splits holding out the first K perturbations of the first context, for each K in `sizes`."""
+    """TOML splits holding out the first K perturbations of one context, for each K in `sizes`.
+
+    The context is the one with the most perturbations (the first such). When it has too few for
+    the large split (the small bundled fallback data), the sizes shrink to fit, with a warning:
+    at least one perturbation must stay in training.
+    """
     from bionemo_scale.data.store import ProcessedDataset
 
     if not 0 < sizes[0] < sizes[1]:
@@ -70,11 +75,21 @@ def held_out_splits(processed: Path, cell_load_dir: Path, out: Path, sizes: tupl
     # data's own dataset name, so both tools read the one file under that name
     name, idx = data.dataset_name or "bench", data.index
     g = idx.groups
-    ctx = 0
-    in_ctx = g[(g["context_id"] == ctx) & (g["pert_id"] > 0)]
+    perturbed = g[g["pert_id"] > 0]
+    counts = perturbed.groupby("context_id")["pert_id"].nunique()
+    ctx = int(counts.idxmax())
+    in_ctx = perturbed[perturbed["context_id"] == ctx]
     perts = sorted(set(in_ctx["pert_id"].tolist()))
     if len(perts) <= sizes[1]:
-        raise ValueError(f"context {idx.contexts[ctx]!r} has {len(perts)} perturbations, fewer than {sizes[1]} + 1")
+        large = len(perts) - 1
+        fitted = (max(1, min(sizes[0], large // 4)), large)
+        if not 0 < fitted[0] < fitted[1]:
+            raise ValueError(f"context {idx.contexts[ctx]!r} has only {len(perts)} perturbations: too few to time")
+        logger.warning(
+            "context %r has %d perturbations: holding out %d and %d instead of %d and %d",
+            idx.contexts[ctx], len(perts), *fitted, *sizes,
+        )  # fmt: skip
+        sizes = fitted
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for k in sizes:
