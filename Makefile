@@ -69,7 +69,7 @@ bench-ensemble: $(STAMP) $(BENCH_STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/ensemble.py --case a --train-only 0 1 2 3 4
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/ensemble.py --case a
 
-# ~25 + 4 + 3 minutes; the first and last also refresh the README's charts
+# ~29 + 7 + 3 minutes; the first and last also refresh the README's charts
 bench-throughput: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/throughput.py --omp-wait-policy passive --docs-img docs/img/throughput.png
 	$(PY) benchmarks/throughput.py --parts train --out bench_out/throughput_default_omp  # libgomp's default wait policy, as a user runs

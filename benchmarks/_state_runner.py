@@ -147,6 +147,23 @@ def serve_model(spec: dict[str, Any]) -> None:
         torch.set_float32_matmul_precision("medium")  # `state tx train`'s setting
         return time_iterations(train_step, iters, warmup)
 
+    def train_autocast(iters: int, warmup: int) -> dict[str, Any]:
+        """The step as Lightning's precision="bf16-mixed" runs it on CPU: training_step (forward and
+        loss) under bf16 autocast, float32 weights. `state tx train` has no setting for it."""
+        model.train()
+        torch.set_float32_matmul_precision("medium")
+
+        def step(i: int) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model.training_step(batches[i % len(batches)], i)
+            opt.zero_grad(set_to_none=True)
+            loss.float().backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+
+        return time_iterations(step, iters, warmup)
+
     def infer(iters: int, warmup: int, nfe: int) -> dict[str, Any]:
         if nfe != 1:
             raise ValueError("STATE predicts with one forward evaluation (NFE = 1)")
@@ -174,7 +191,7 @@ def serve_model(spec: dict[str, Any]) -> None:
         "setup_s": time.perf_counter() - t0,
         "versions": versions(STATE_PACKAGES),
     }
-    serve(ready, {"train": train, "infer": infer})
+    serve(ready, {"train": train, "train_autocast": train_autocast, "infer": infer})
 
 
 # -- cell-load ---------------------------------------------------------------------------------

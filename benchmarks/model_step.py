@@ -173,12 +173,14 @@ def load_batches(path: str, torch_mod: Any) -> tuple[list[dict[str, Any]], dict[
     return batches, vocab
 
 
-def ours_train_step(model: Any, cfg: Any, seed: int) -> Callable[[dict[str, Any]], Any]:
+def ours_train_step(model: Any, cfg: Any, seed: int, autocast: str = "off") -> Callable[[dict[str, Any]], Any]:
     """One optimizer step of ScaleModel on a batch (returns the loss): OT coupling and flow time
-    (`prepare_flow_batch`), forward, flow-matching loss, backward, gradient clip 1.0, AdamW step."""
+    (`prepare_flow_batch`), forward, flow-matching loss, backward, gradient clip 1.0, AdamW step.
+    `autocast="bf16"`: the forward under bf16 autocast, as `train` runs it with `trainer.autocast=bf16`."""
     import torch
 
     from bionemo_scale.config import FlowConfig
+    from bionemo_scale.model.autocast import forward_autocast, outputs_to_float32
     from bionemo_scale.model.batch import prepare_flow_batch
     from bionemo_scale.model.objective import loss_terms
     from bionemo_scale.model.scale_model import conditions_of
@@ -191,8 +193,9 @@ def ours_train_step(model: Any, cfg: Any, seed: int) -> Callable[[dict[str, Any]
         b = prepare_flow_batch(
             batch, flow, seed=seed, context_dropout=cfg.context_dropout, unknown_context=cfg.n_contexts
         )
-        out = model(b["ctrl"], b["t"], conditions_of(b), b["pert"])
-        loss = loss_terms(out, b["ctrl"], b["pert"], flow)["loss"].mean()
+        with forward_autocast(autocast, "cpu"):
+            out = model(b["ctrl"], b["t"], conditions_of(b), b["pert"])
+        loss = loss_terms(outputs_to_float32(out), b["ctrl"], b["pert"], flow)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -217,15 +220,15 @@ def ours_worker(spec: dict[str, Any]) -> None:
     init_distributed(1, 1, seed=spec["seed"])
     batches, vocab = load_batches(spec["inputs"], torch)
     model, cfg = build_ours(spec, vocab["n_parts"], vocab["n_contexts"], vocab["n_batches"])
-    step = ours_train_step(model, cfg, spec["seed"])
+    steps = {mode: ours_train_step(model, cfg, spec["seed"], autocast=mode) for mode in ("off", "bf16")}
 
-    def train_step(i: int) -> None:
-        step(batches[i % len(batches)])
-
-    def train(iters: int, warmup: int) -> dict[str, Any]:
+    def train(iters: int, warmup: int, autocast: str = "off") -> dict[str, Any]:
         model.train()
         torch.set_float32_matmul_precision("highest")  # `train`'s default (an earlier request may have changed it)
-        return time_iterations(train_step, iters, warmup)
+        return time_iterations(lambda i: steps[autocast](batches[i % len(batches)]), iters, warmup)
+
+    def train_autocast(iters: int, warmup: int) -> dict[str, Any]:
+        return train(iters, warmup, autocast="bf16")  # `trainer.autocast=bf16`
 
     from bionemo_scale.data.count_lattice import put_on_lattice
 
@@ -266,12 +269,30 @@ def ours_worker(spec: dict[str, Any]) -> None:
         "setup_s": time.perf_counter() - t0,
         "versions": versions(("torch", "megatron-core", "numpy", "bionemo-scale")),
     }
-    serve(ready, {"train": train, "infer": infer, "infer_lattice": infer_lattice, "infer_medium": infer_medium})
+    serve(
+        ready,
+        {
+            "train": train,
+            "train_autocast": train_autocast,
+            "infer": infer,
+            "infer_lattice": infer_lattice,
+            "infer_medium": infer_medium,
+        },
+    )
 
 
 # -- the comparison ----------------------------------------------------------------------------
 # infer_lattice: ours' NFE=1 inference plus the count lattice that `predict` applies (flow.count_lattice)
-OPS = [("train", None), ("infer", 1), ("infer_lattice", 1), ("infer_medium", 1), ("infer", 10)]
+# train_autocast: both training steps under bf16 autocast (ours as `trainer.autocast=bf16`, STATE as
+# Lightning's precision="bf16-mixed" would run its training_step; its CLI has no such setting)
+OPS = [
+    ("train", None),
+    ("train_autocast", None),
+    ("infer", 1),
+    ("infer_lattice", 1),
+    ("infer_medium", 1),
+    ("infer", 10),
+]
 LATTICE_LABEL = "inference NFE=1 + count lattice"
 
 
@@ -280,6 +301,8 @@ def op_label(op: str, nfe: int | None) -> str:
         return LATTICE_LABEL
     if op == "infer_medium":
         return f"inference NFE={nfe}, matmul medium"
+    if op == "train_autocast":
+        return "train (fwd+bwd+opt), bf16 autocast"
     return "train (fwd+bwd+opt)" if op == "train" else f"inference NFE={nfe}"
 
 
@@ -338,7 +361,7 @@ def compare(
                     if name == "STATE" and ((op == "infer" and nfe != 1) or op in ("infer_lattice", "infer_medium")):
                         continue  # STATE has one forward evaluation only, no count lattice, and predicts at 'highest'
                     req: dict[str, Any] = {"op": op, "iters": iters, "warmup": warmup if r == 0 else 1}
-                    if op != "train":
+                    if not op.startswith("train"):
                         req["nfe"] = nfe
                     res = workers[name].request(**req)
                     res["repeat"] = r
@@ -541,7 +564,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     load0 = machine_load()
     sizes = model_sizes(args)
-    ops = [o for o in OPS if (o[0] == "train" and not args.infer_only) or (o[0] != "train" and o[1] in args.nfe)]
+    training = [o for o in OPS if o[0].startswith("train")]
+    ops = [*([] if args.infer_only else training), *(o for o in OPS if o not in training and o[1] in args.nfe)]
     results = []
     for genes in args.genes:
         inputs = prepare_inputs(genes, out / "cache", sizes, args.input_batches, args.seed)

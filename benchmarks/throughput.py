@@ -18,8 +18,12 @@ Parts (each can be run alone with --parts):
     ours (NeMo):        `bionemo-scale train` (NeMo Trainer + MegatronStrategy, one process)
     STATE:              `state tx train` (its CLI, Lightning, cell-load, X_hvg, num_workers=0)
   `state tx train` sets torch's float32 matmul precision to 'medium' (bf16 products on GPUs and on
-  CPUs with AMX or AVX512-BF16); ours trains at 'highest' by default, so both of ours also run at
-  `trainer.matmul_precision=medium`, STATE's own setting (--skip-medium leaves them out).
+  CPUs with AMX or AVX512-BF16); ours trains at 'highest' by default, so our plain loop also runs at
+  `trainer.matmul_precision=medium`, STATE's own setting (--skip-medium leaves it out; --nemo-medium
+  adds `bionemo-scale train` at 'medium'). Both of ours also run under `trainer.autocast=bf16`
+  (float32 weights, bf16 matmuls), and so does STATE: its CLI has no such setting, so
+  `_state_bf16_train.py` passes Lightning's precision="bf16-mixed" to its Trainer, the
+  equal-precision peer of those rows (--skip-autocast leaves all three out).
   Rates come from step time stamps, never from process wall time: the worker's own clock
   (plain loop), rows appearing in RUN/train_loss.csv (NeMo; the tqdm bar as a fallback) and
   Lightning's progress bar (STATE, forced to redraw with TTY_COMPATIBLE/TTY_INTERACTIVE).
@@ -43,7 +47,7 @@ Parts (each can be run alone with --parts):
   whose touched pages count towards RSS as file-backed page cache (reclaimable; reported
   beside it). The data are deleted afterwards unless --keep.
 
-Default run: ~25 min on an idle 2-core machine, of which `predict` ~13 min (--quick: ~5 min). Timings on a shared machine
+Default run: ~29 min on a 2-core machine, of which `predict` ~14 min and `train` ~7 min (--quick: ~5 min). Timings on a shared machine
 are unreliable: every row records the 1-min load average; the 2-thread runs slow down by far
 more than 2× when another process holds a core.
 
@@ -262,7 +266,7 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     sampler_cfg = SamplerConfig(set_size=spec["set_size"], control_matching=spec["matching"], seed=spec["seed"])
     loader = _set_pair_loader(data, groups, sampler_cfg, spec["batch_sets"])
     model, cfg = build_ours({**spec, "genes": data.n_genes}, len(idx.parts), len(idx.contexts), len(idx.batches))
-    train_step = ours_train_step(model, cfg, spec["seed"])
+    train_step = ours_train_step(model, cfg, spec["seed"], autocast=spec.get("autocast", "off"))
     t_ready = time.perf_counter()
     stamps, cpu, mem = [(t_ready - t0, 0)], [time.process_time()], []
     for step, batch in enumerate(loader, start=1):
@@ -442,9 +446,11 @@ def train_ours_plain(
     tag: str = "train",
     threads: int | None = None,
     precision: str = "highest",
+    autocast: str = "off",
 ) -> dict[str, Any]:
     spec = {
         "matmul_precision": precision,
+        "autocast": autocast,
         "processed": str(case.processed),
         "split": str(split),
         "matching": case.matching,
@@ -453,9 +459,16 @@ def train_ours_plain(
         "seed": args.seed,
         **model_sizes(args),
     }
-    name = f"{tag}_ours_plain" + ("" if precision == "highest" else f"_{precision}")
+    name = f"{tag}_ours_plain" + _run_suffix(precision, autocast)
     cmd = _spec_cmd(out, name, spec, [sys.executable, str(Path(__file__).resolve()), "--worker", "train"])
-    logger.info("[%s] ours, plain torch loop, matmul %s: %d steps on %s", tag, precision, steps, case.title)
+    logger.info(
+        "[%s] ours, plain torch loop, matmul %s, autocast %s: %d steps on %s",
+        tag,
+        precision,
+        autocast,
+        steps,
+        case.title,
+    )
     child = run_measured(
         cmd,
         env=thread_env(spec["threads"], args.omp_wait_policy),
@@ -482,13 +495,19 @@ def train_ours_plain(
     }
     extra["clock"] = "worker's perf_counter after every optimizer step"
     return _train_result(
-        f"ours (plain torch loop{_precision_note(precision)})", child, stamps, args, args.skip_steps, extra
+        f"ours (plain torch loop{_precision_note(precision, autocast)})", child, stamps, args, args.skip_steps, extra
     )
 
 
-def _precision_note(precision: str) -> str:
-    """How a run's name says that it ran at a float32 matmul precision other than our default."""
-    return "" if precision == "highest" else f", matmul {precision} as `state tx train`"
+def _precision_note(precision: str, autocast: str = "off") -> str:
+    """How a run's name says that it ran at a float32 matmul precision or an autocast other than our default."""
+    note = "" if precision == "highest" else f", matmul {precision} as `state tx train`"
+    return note + ("" if autocast == "off" else f", `trainer.autocast={autocast}`")
+
+
+def _run_suffix(precision: str, autocast: str) -> str:
+    """File-name suffix of a run at a non-default precision or autocast."""
+    return ("" if precision == "highest" else f"_{precision}") + ("" if autocast == "off" else f"_autocast_{autocast}")
 
 
 class CsvStepClock:
@@ -532,6 +551,7 @@ def train_ours_nemo(
     precision: str = "highest",
     tag: str = "train",
     keep: bool = False,
+    autocast: str = "off",
 ) -> dict[str, Any]:
     """`bionemo-scale train` timed from its step stamps; the run folder is deleted unless `keep`."""
     from bionemo_scale.config import (
@@ -563,11 +583,12 @@ def train_ours_nemo(
             log_every_n_steps=10,
             accelerator="cpu",
             matmul_precision=precision,
+            autocast=autocast,
         ),
         checkpoint=CheckpointConfig(every_n_train_steps=steps, monitor="val_loss"),
         eval=EvalConfig(enabled=False),
     )
-    suffix = ("" if precision == "highest" else f"_{precision}") + ("" if tag == "train" else f"_{tag}")
+    suffix = _run_suffix(precision, autocast) + ("" if tag == "train" else f"_{tag}")
     cfg_path = out / "specs" / f"nemo_config{suffix}.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(dump_yaml(cfg))
@@ -586,7 +607,12 @@ def train_ours_nemo(
         "--output",
         str(run_dir),
     ]
-    logger.info("[train] ours, `bionemo-scale train` (NeMo + MegatronStrategy), matmul %s: %d steps", precision, steps)
+    logger.info(
+        "[train] ours, `bionemo-scale train` (NeMo + MegatronStrategy), matmul %s, autocast %s: %d steps",
+        precision,
+        autocast,
+        steps,
+    )
     with CsvStepClock(run_dir / "train_loss.csv") as clock:
         child = run_measured(
             cmd,
@@ -605,7 +631,7 @@ def train_ours_nemo(
         extra["bar_cells_per_s"] = Summary.of(
             windowed_rates(bar, args.skip_steps, args.windows, 2 * args.set_size * args.batch_sets)["rates"]
         ).median
-    name = f"ours (`bionemo-scale train`, NeMo{_precision_note(precision)})"
+    name = f"ours (`bionemo-scale train`, NeMo{_precision_note(precision, autocast)})"
     res = _train_result(name, child, stamps, args, min(args.skip_steps, steps // 2), extra)
     if not (args.keep or keep):
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -621,12 +647,17 @@ def train_state(
     tag: str = "train",
     keep: bool = False,
     workers: int = 0,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """`state tx train` on `toml` (default: every pair in training); its run is deleted unless `keep`.
 
     `workers` is cell-load's `num_workers`, saved with the run (so `state tx predict` uses it too).
+    `bf16`: under Lightning's precision="bf16-mixed", which the CLI has no setting for
+    (`_state_bf16_train.py` passes it to STATE's Trainer): the peer of our `trainer.autocast=bf16`.
     """
     run_root = out / "runs" / ("state" if tag == "train" else f"state_{tag}")
+    if bf16:
+        run_root = run_root.with_name(run_root.name + "_bf16")
     overrides = [
         f"data.kwargs.toml_config_path={toml or case.cell_load / 'X_hvg.toml'}",
         "data.kwargs.embed_key=X_hvg",
@@ -657,12 +688,13 @@ def train_state(
             "COLUMNS": "200",
         }
     )
-    logger.info("[train] STATE, `state tx train`: %d steps", steps)
+    logger.info("[train] STATE, `state tx train`%s: %d steps", " (bf16-mixed)" if bf16 else "", steps)
+    launcher = [str(BENCH_PYTHON), str(Path(__file__).resolve().with_name("_state_bf16_train.py"))]
     child = run_measured(
-        [str(STATE_BIN), "tx", "train", *overrides],
+        [*(launcher if bf16 else [str(STATE_BIN)]), "tx", "train", *overrides],
         env=env,
         cwd=out,
-        log_path=out / "logs" / f"{tag}_state.log",
+        log_path=out / "logs" / f"{tag}_state{'_bf16' if bf16 else ''}.log",
         timeout_s=args.timeout,
     )
     stamps = progress_bar_steps(child.lines)
@@ -675,7 +707,11 @@ def train_state(
     }
     skip = max(1, args.skip_steps // 2)  # STATE's steps are slow: fewer of them, fewer skipped
     skip = min(skip, steps // 2)
-    res = _train_result("STATE (`state tx train`)", child, stamps, args, skip, extra)
+    if bf16:
+        # Lightning's announcement that the Trainer took the precision the launcher passed it
+        extra["bf16_mixed_confirmed"] = any("bfloat16 Automatic Mixed Precision" in line for _, line in child.lines)
+    name = "STATE (`state tx train`" + (", Lightning bf16-mixed patched in)" if bf16 else ")")
+    res = _train_result(name, child, stamps, args, skip, extra)
     res["skip_steps"] = skip
     res["run_dir"] = str(run_root / "run")
     if not (args.keep or keep):
@@ -694,10 +730,19 @@ def part_train(case: Case, args: argparse.Namespace, out: Path) -> dict[str, Any
     # at STATE's own setting: `state tx train` sets torch's float32 matmul precision to 'medium'
     if not args.skip_medium:
         res["runs"].append(train_ours_plain(case, split, args, out, args.train_steps, precision="medium"))
-        if not args.skip_nemo:
+        if not args.skip_nemo and args.nemo_medium:  # off by default: keeps the default run under 30 min
             res["runs"].append(train_ours_nemo(case, split, args, out, args.nemo_steps, precision="medium"))
+    # bf16 autocast: float32 weights, bf16 matmuls (STATE's CLI has no such setting for its model)
+    if not args.skip_autocast:
+        res["runs"].append(train_ours_plain(case, split, args, out, args.train_steps, autocast="bf16"))
+        if not args.skip_nemo:
+            res["runs"].append(train_ours_nemo(case, split, args, out, args.nemo_steps, autocast="bf16"))
+        res["runs"].append(train_state(case, args, out, args.state_steps, bf16=True))
     state = next(r for r in res["runs"] if r["name"].startswith("STATE"))
+    state_bf16 = next((r for r in res["runs"] if r["name"].startswith("STATE") and "bf16" in r["name"]), None)
     for r in res["runs"]:
+        if state_bf16 is not None and "autocast=bf16" in r["name"]:
+            r["ratio_vs_state_bf16"] = r["cells_per_s"]["median"] / state_bf16["cells_per_s"]["median"]
         r["ratio_vs_state"] = r["cells_per_s"]["median"] / state["cells_per_s"]["median"]
         r["rss_ratio_vs_state"] = r["peak_rss_mb"] / state["peak_rss_mb"]
         r["anon_ratio_vs_state"] = r["peak_anon_mb"] / state["peak_anon_mb"]
@@ -939,6 +984,18 @@ def _mark(value: float, goal: float, higher: bool = True) -> str:
     return "yes" if (value >= goal if higher else value <= goal) else "**no**"
 
 
+def _train_summary_row(label: str, ours: dict[str, Any], peer: dict[str, Any], ratio: float) -> list[str]:
+    """A summary line for one of our training runs against one STATE run, read against the goal."""
+    return [
+        label,
+        fmt_num(ours["cells_per_s"]["median"]),
+        fmt_num(peer["cells_per_s"]["median"]),
+        fmt_ratio(ratio),
+        f"≥{GOALS['train']:g}×",
+        _mark(ratio, GOALS["train"]),
+    ]
+
+
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     out: list[str] = []
     summary_rows: list[list[str]] = []
@@ -1011,7 +1068,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                     fmt_num(s["median"]),
                     f"{fmt_num(s['q25'])}–{fmt_num(s['q75'])}",
                     f"{r['steps_per_s']:.2f}",
-                    fmt_ratio(r["ratio_vs_state"]),
+                    fmt_ratio(r["ratio_vs_state"])
+                    + (f" ({fmt_ratio(r['ratio_vs_state_bf16'])} ÷ STATE bf16)" if "ratio_vs_state_bf16" in r else ""),
                     str(r["steps_timed"]),
                     f"{r['time_to_first_step_s']:.0f}",
                     f"{r['peak_rss_mb']:,.0f}",
@@ -1045,19 +1103,14 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             "and the final checkpoint are excluded ('s to 1st step' shows them).\n"
         )
         state = next(r for r in t["runs"] if r["name"].startswith("STATE"))
+        state_bf16 = next((r for r in t["runs"] if r["name"].startswith("STATE") and "bf16" in r["name"]), None)
         for r in t["runs"]:
-            if r is state:
+            if r["name"].startswith("STATE"):
                 continue
-            summary_rows.append(
-                [
-                    f"training e2e: {r['name']}",
-                    fmt_num(r["cells_per_s"]["median"]),
-                    fmt_num(state["cells_per_s"]["median"]),
-                    fmt_ratio(r["ratio_vs_state"]),
-                    f"≥{GOALS['train']:g}×",
-                    _mark(r["ratio_vs_state"], GOALS["train"]),
-                ]
-            )
+            summary_rows.append(_train_summary_row(f"training e2e: {r['name']}", r, state, r["ratio_vs_state"]))
+            if state_bf16 is not None and "ratio_vs_state_bf16" in r:
+                label = f"training e2e: {r['name']} vs {state_bf16['name']}"
+                summary_rows.append(_train_summary_row(label, r, state_bf16, r["ratio_vs_state_bf16"]))
         for r in t["runs"]:
             if r is state:
                 continue
@@ -1311,11 +1364,15 @@ def chart(results: dict[str, Any], path: Path) -> None:
                     (
                         "train e2e\n"
                         + ("NeMo" if "NeMo" in r["name"] else "plain loop")
-                        + ("\n(medium)" if "matmul medium" in r["name"] else ""),
+                        + ("\n(medium)" if "matmul medium" in r["name"] else "")
+                        + ("\n(bf16)" if "trainer.autocast=bf16" in r["name"] else ""),
                         r["ratio_vs_state"],
                         GOALS["train"],
                     )
                 )
+                if "ratio_vs_state_bf16" in r:  # the equal-precision comparison
+                    loop = "NeMo" if "NeMo" in r["name"] else "plain loop"
+                    speed.append((f"{loop} (bf16)\n÷ STATE\n(bf16)", r["ratio_vs_state_bf16"], GOALS["train"]))
     if "infer" in results:
         for r in results["infer"]["rows"]:
             if r["model"] == "ours":
@@ -1331,7 +1388,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
             if not name.startswith("STATE"):
                 speed.append(("predict e2e\n" + name.split("` ")[-1], r["ratio_vs_state"], GOALS["infer"]))
     scale = results.get("scale", {}).get("ratios", {})
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [3.6, 1.3]})
+    width = max(10.0, 0.95 * len(speed))  # inches: about one per bar, so that the labels stay apart
+    fig, axes = plt.subplots(1, 2, figsize=(width + 3.8, 4.8), gridspec_kw={"width_ratios": [width, 3.6]})
     ax = axes[0]
     xs = range(len(speed))
     colors = ["tab:green" if r >= g else "tab:red" for _, r, g in speed]
@@ -1465,6 +1523,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip-medium",
         action="store_true",
         help="leave out our training runs at float32 matmul precision 'medium' (`state tx train`'s own setting)",
+    )
+    g.add_argument(
+        "--nemo-medium",
+        action="store_true",
+        help="also run `bionemo-scale train` at matmul 'medium' (the plain loop at 'medium' runs by default)",
+    )
+    g.add_argument(
+        "--skip-autocast",
+        action="store_true",
+        help="leave out our training runs under `trainer.autocast=bf16` (float32 weights, bf16 matmuls)",
     )
     g.add_argument("--timeout", type=float, default=900, help="seconds allowed to each training process")
     g = ap.add_argument_group("inference")

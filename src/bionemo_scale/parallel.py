@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import warnings
@@ -372,6 +373,40 @@ def _patch_clip_grads() -> None:
     mcore_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+def _patch_linear_autocast() -> None:
+    # tensor_parallel.layers: the autograd functions behind every Column/RowParallelLinear
+    # (LinearWithGradAccumulationAndAsyncCommunication, LinearWithFrozenWeight) are decorated
+    # with custom_fwd/custom_bwd for device_type="cuda" only. Under CPU autocast
+    # (`trainer.autocast=bf16`) their forward returns bf16, but their backward runs with CPU
+    # autocast off and multiplies a bf16 grad_output by the float32 weight: "expected m1 and m2
+    # to have the same dtype". The forward now records the CPU autocast state too, and the
+    # backward runs under it, as custom_fwd/custom_bwd do on CUDA. Without autocast nothing changes.
+    from megatron.core.tensor_parallel import layers
+
+    for fn in (layers.LinearWithGradAccumulationAndAsyncCommunication, layers.LinearWithFrozenWeight):
+        fn.forward = staticmethod(_record_cpu_autocast(fn.forward))
+        fn.backward = staticmethod(_replay_cpu_autocast(fn.backward))
+
+
+def _record_cpu_autocast(forward: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(forward)
+    def wrapped(ctx: Any, *args: Any, **kwargs: Any) -> Any:
+        ctx.cpu_autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        return forward(ctx, *args, **kwargs)
+
+    return wrapped
+
+
+def _replay_cpu_autocast(backward: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(backward)
+    def wrapped(ctx: Any, *grads: Any) -> Any:
+        enabled, dtype = getattr(ctx, "cpu_autocast", (False, torch.bfloat16))
+        with torch.autocast("cpu", dtype=dtype, enabled=enabled):
+            return backward(ctx, *grads)
+
+    return wrapped
+
+
 # Applied in this order. BIONEMO_SCALE_CPU_SHIM_SKIP=name,name skips some: a diagnostic for
 # re-proving each patch against a new release (tests/parallel/test_shim.py, test_nemo_cpu.py).
 _MCORE_PATCHES: dict[str, Callable[[], None]] = {
@@ -381,6 +416,7 @@ _MCORE_PATCHES: dict[str, Callable[[], None]] = {
     "rng_tracker": _patch_rng_tracker,
     "rng_state_fns": _patch_rng_state_fns,
     "clip_grads": _patch_clip_grads,
+    "linear_autocast": _patch_linear_autocast,
 }
 
 

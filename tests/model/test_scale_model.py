@@ -237,7 +237,8 @@ def test_half_precision_wrapper_leaves_cells_and_time_in_fp32(megatron_single) -
         seen.update({k: bound[k].dtype for k in ("ctrl", "t", "pert")}, positional=len(args))
 
     model.register_forward_pre_hook(record, with_kwargs=True)
-    wrapped = SimpleNamespace(module=Float16Module(model.config, model))
+    off = SimpleNamespace(trainer=SimpleNamespace(autocast="off"))
+    wrapped = SimpleNamespace(module=Float16Module(model.config, model), cfg=off)
     g = torch.Generator().manual_seed(7)
     ctrl = torch.rand(B, S, G, generator=g) * 3  # values that bf16 (8 mantissa bits) cannot hold
     pert, t = torch.rand(B, S, G, generator=g), torch.rand(B, generator=g)

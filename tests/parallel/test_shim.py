@@ -150,6 +150,17 @@ def test_recomputation_replays_dropout_exactly(plain_step: dict, tmp_path: Path)
     assert recomputed["losses"] == pytest.approx(plain_step["losses"], abs=1e-6)
 
 
+@CPU_ONLY
+def test_megatron_training_step_under_cpu_bf16_autocast(plain_step: dict, tmp_path: Path) -> None:
+    """`trainer.autocast=bf16` on CPU: megatron's parallel linears run their backward under the
+    forward's autocast too, so the step trains; bf16 matmuls move the losses off float32's."""
+    autocast = run_python("shim_checks.py", tmp_path, "--mode", "step", "--autocast", "1")
+    losses = autocast["losses"]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.8 * losses[0], losses
+    assert losses != plain_step["losses"]
+    assert losses[0] == pytest.approx(plain_step["losses"][0], rel=2e-2)
+
+
 # Each patch, skipped, must break a run: the evidence that it is still needed. When a
 # megatron-core upgrade makes one of these pass, drop that patch from parallel.py.
 # (The NeMo patches are proven the same way in test_nemo_cpu.py.)
@@ -159,6 +170,7 @@ NEEDED = [
     ("rng_tracker", ("--mode", "step"), "tensor_parallel/random.py"),
     ("rng_state_fns", ("--mode", "step", "--recompute", "1"), "in _get_cuda_rng_state"),
     ("clip_grads", ("--mode", "step"), "in clip_grad_by_total_norm_fp32"),
+    ("linear_autocast", ("--mode", "step", "--autocast", "1"), "expected m1 and m2 to have the same dtype"),
 ]
 
 

@@ -88,14 +88,15 @@ def test_local_spec_is_bidirectional_rmsnorm_swiglu() -> None:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.mlp import MLP
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from bionemo_scale.model.autocast import Float32RMSNorm
 
     sub = specs.get_layer_spec("local").submodules
     attn = sub.self_attention
     assert attn.params == {"attn_mask_type": AttnMaskType.no_mask}
     assert attn.submodules.core_attention is DotProductAttention
     assert (attn.submodules.linear_qkv, attn.submodules.linear_proj) == (ColumnParallelLinear, RowParallelLinear)
-    assert sub.input_layernorm is WrappedTorchNorm and sub.pre_mlp_layernorm is WrappedTorchNorm
+    assert sub.input_layernorm is Float32RMSNorm and sub.pre_mlp_layernorm is Float32RMSNorm  # torch's RMSNorm
     assert sub.mlp.module is MLP
     assert (sub.mlp.submodules.linear_fc1, sub.mlp.submodules.linear_fc2) == (ColumnParallelLinear, RowParallelLinear)
 

@@ -40,8 +40,10 @@ def test_model_loss_and_seed_changes_are_conflicts() -> None:
 def test_a_run_written_before_a_setting_existed_had_its_default() -> None:
     old = _cfg().model_dump(mode="json")
     del old["model"]["prior_rank"], old["model"]["prior_basis_leave_one_out"]  # keys added after such runs
-    del old["model"]["center_controls"], old["trainer"]["matmul_precision"]
+    del old["model"]["center_controls"], old["trainer"]["matmul_precision"], old["trainer"]["autocast"]
     assert resume_conflicts(old, _cfg().model_dump(mode="json")) == []
+    bf16 = _cfg(trainer__autocast="bf16").model_dump(mode="json")
+    assert resume_conflicts(old, bf16) == ["trainer.autocast: off -> bf16"]
     medium = _cfg(trainer__matmul_precision="medium").model_dump(mode="json")
     assert resume_conflicts(old, medium) == ["trainer.matmul_precision: highest -> medium"]
     centred = _cfg(model__center_controls=True).model_dump(mode="json")

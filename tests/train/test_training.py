@@ -280,6 +280,35 @@ def test_matmul_precision_is_a_training_setting(demo_data: Path, base_run: Path,
     assert proc.returncode != 0 and "trainer.matmul_precision: medium -> highest" in proc.stdout + proc.stderr
 
 
+def test_bf16_autocast_is_a_training_setting(demo_data: Path, base_run: Path, tmp_path: Path) -> None:
+    """`trainer.autocast=bf16` trains through NeMo's strategy (bf16 matmuls, float32 weights), is
+    recorded with the run, and a resume may not change it."""
+    import yaml
+
+    out = tmp_path / "autocast"
+    cli(*train_args(demo_data, out, 10, "trainer.autocast=bf16"))
+    assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["autocast"] == "bf16"
+    base, half = read_losses(base_run / "train_loss.csv")[:10], read_losses(out / "train_loss.csv")
+    assert [s for s, _ in half] == list(range(1, 11)) and all(np.isfinite(v) for _, v in half)
+    # bf16 rounding moves every loss a little, the first one included, and never far
+    assert half[0][1] != base[0][1]
+    assert abs(half[0][1] - base[0][1]) < 0.02 * abs(base[0][1])
+    proc = cli(*train_args(demo_data, out, 20), check=False)
+    assert proc.returncode != 0 and "trainer.autocast: bf16 -> off" in proc.stdout + proc.stderr
+
+
+@pytest.mark.distributed
+def test_bf16_autocast_trains_across_pipeline_stages(demo_data: Path, base_run: Path, tmp_path: Path) -> None:
+    """PP=2 under `trainer.autocast=bf16`: the stages exchange float32 activations (the buffers'
+    dtype), and the run trains like the float32 one to within bf16 rounding."""
+    out = tmp_path / "pp2_autocast"
+    layout = ("trainer.devices=2", "trainer.pipeline_model_parallel_size=2", "trainer.autocast=bf16")
+    cli(*train_args(demo_data, out, 10, *layout), nproc=2)
+    base, half = read_losses(base_run / "train_loss.csv")[:10], read_losses(out / "train_loss.csv")
+    assert [s for s, _ in half] == list(range(1, 11)) and all(np.isfinite(v) for _, v in half)
+    assert abs(half[0][1] - base[0][1]) < 0.02 * abs(base[0][1])
+
+
 def test_the_fused_cpu_adam_is_the_default_and_the_loop_still_trains(
     demo_data: Path, base_run: Path, tmp_path: Path
 ) -> None:

@@ -40,7 +40,7 @@ from bionemo_scale.flow.paths import linear_path
 from bionemo_scale.flow.solvers import solve_endpoint
 from bionemo_scale.model.conditions import ConditionTokens
 from bionemo_scale.model.layers import ParallelMLP
-from bionemo_scale.model.specs import get_layer_spec
+from bionemo_scale.model.specs import get_block_spec
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class ScaleModel(MegatronModule):
             self.gene_encoder = ParallelMLP(config, g, w, h)
             self.conditions = ConditionTokens(cfg, config)
             assert self.conditions.num_tokens == self.num_condition_tokens
-        spec = get_layer_spec(cfg.spec)
+        spec = get_block_spec(config, cfg.spec)
         # `decoder` is megatron's name for the block (its schedules look it up by that name).
         self.decoder = TransformerBlock(config, spec=spec, pre_process=pre_process, post_process=post_process)
         if post_process:

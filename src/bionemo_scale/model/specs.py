@@ -39,8 +39,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def local_bidirectional_layer_spec() -> ModuleSpec:
     """A bidirectional pre-norm RMSNorm/SwiGLU layer from megatron-core's local modules.
 
-    RMSNorm comes from `WrappedTorchNorm`, which builds `torch.nn.RMSNorm` when
-    `config.normalization == "RMSNorm"` (apex's FusedLayerNorm has no RMSNorm and no CPU path).
+    RMSNorm is `torch.nn.RMSNorm`, as megatron's `WrappedTorchNorm` builds it (apex's
+    FusedLayerNorm has no RMSNorm and no CPU path), but normalising in float32 under bf16 autocast
+    (`model/autocast.py`). Its weights keep `WrappedTorchNorm`'s names, so checkpoints are unchanged.
     SwiGLU and the absence of biases are set in the TransformerConfig (`make_transformer_config`).
     """
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -51,13 +52,14 @@ def local_bidirectional_layer_spec() -> ModuleSpec:
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from bionemo_scale.model.autocast import Float32RMSNorm
 
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=Float32RMSNorm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.no_mask},
@@ -70,7 +72,7 @@ def local_bidirectional_layer_spec() -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=Float32RMSNorm,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
@@ -145,6 +147,32 @@ def get_layer_spec(kind: SpecKind) -> ModuleSpec:
         raise ScaleError(f"unknown layer spec {kind!r}", "use model.spec=local or model.spec=te")
     logger.info("transformer layer spec: %s (bidirectional, no positional encoding)", kind)
     return spec
+
+
+def get_block_spec(config, kind: SpecKind) -> ModuleSpec:
+    """The block's spec: `kind`'s layer for every layer this pipeline stage builds, and its final norm.
+
+    For "te", megatron picks the final norm (TE's). For "local" the final norm is our
+    `Float32RMSNorm`, like the layers' norms: megatron's default there is a plain torch RMSNorm,
+    which under bf16 autocast would get a bf16 input with float32 weights. The weight's name
+    (`decoder.final_layernorm.weight`) is the same either way.
+    """
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from bionemo_scale.model.autocast import Float32RMSNorm
+
+    layer = get_layer_spec(kind)
+    if kind != "local":
+        return layer
+    layers = [layer] * get_num_layers_to_build(config)
+    return ModuleSpec(
+        module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=Float32RMSNorm)
+    )
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

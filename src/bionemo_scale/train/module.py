@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 from nemo.lightning.megatron_parallel import MegatronLossReduction
 
 from bionemo_scale.config import FlowConfig, ScaleConfig
+from bionemo_scale.model.autocast import forward_autocast, outputs_to_float32
 from bionemo_scale.model.batch import prepare_flow_batch
 from bionemo_scale.model.objective import loss_terms
 from bionemo_scale.model.scale_model import ScaleModel, ScaleOutput, conditions_of
@@ -113,7 +114,11 @@ class ScaleLightningModule(pl.LightningModule):
         # stage's *positional* tensor inputs to half precision. The cells feed the gene residual
         # (X0 + dec(Ẑ1) − dec(Z0)) and t feeds sin/cos features at up to 1,000 rad, so both
         # must stay fp32; the model casts what its layers need itself.
-        return self.module(ctrl=ctrl, t=t, conditions=conditions, pert=pert)
+        # `trainer.autocast`: bf16 matmuls, float32 weights; what comes out is float32 again, so
+        # the losses reduce in float32 and pipeline stages exchange their buffers' dtype.
+        with forward_autocast(self.cfg.trainer.autocast, _local_device().type):
+            out = self.module(ctrl=ctrl, t=t, conditions=conditions, pert=pert)
+        return out if self.cfg.trainer.autocast == "off" else outputs_to_float32(out)
 
     # -- NeMo hooks ----------------------------------------------------------------------------
     def data_step(self, dataloader_iter: Iterator) -> dict[str, torch.Tensor]:

@@ -52,6 +52,7 @@ ADDED_KEYS: dict[str, Callable[[dict[str, object]], bool]] = {
     "model.prior_basis_leave_one_out": lambda old: old.get("model.prior_rank") in (None, "None"),
     "model.center_controls": lambda old: True,  # before it, control sets were never centred (= False)
     "trainer.matmul_precision": lambda old: True,  # before it, training never changed torch's default (= highest)
+    "trainer.autocast": lambda old: True,  # before it, training never ran under autocast (= off)
 }
 
 # Settings added after runs were written whose default does *not* reproduce the runs before them,

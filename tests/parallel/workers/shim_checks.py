@@ -4,7 +4,8 @@ Modes:
   checks  the shim is idempotent, maps CUDA devices to CPU, init/destroy/re-init work without
           torchrun (in-memory store), a second init with another layout is refused.
   step    a NeMo-free megatron training loop: DDP wrapper, plain megatron optimizer with grad
-          clipping, forward_backward_func, dropout on. With a patch skipped through
+          clipping, forward_backward_func, dropout on (`--autocast 1`: the forward under CPU bf16
+          autocast). With a patch skipped through
           BIONEMO_SCALE_CPU_SHIM_SKIP it must fail, which is how the tests prove each patch is needed.
 """
 
@@ -70,7 +71,7 @@ def checks() -> dict:
     return out
 
 
-def step(steps: int, recompute: bool) -> dict:
+def step(steps: int, recompute: bool, autocast: bool = False) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -99,7 +100,8 @@ def step(steps: int, recompute: bool) -> dict:
 
     def forward_step(data_iterator, model):
         xb, yb = next(data_iterator)
-        output = model(xb)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # as `trainer.autocast=bf16`
+            output = model(xb).float()
         return output, lambda out: (
             torch.nn.functional.mse_loss(out, yb),
             {"loss": torch.nn.functional.mse_loss(out, yb).detach()},
@@ -127,11 +129,11 @@ def step(steps: int, recompute: bool) -> dict:
 
 if __name__ == "__main__":
     quiet()
-    args = parse_args(mode="checks", steps=4, recompute=0)
+    args = parse_args(mode="checks", steps=4, recompute=0, autocast=0)
     if args.mode == "checks":
         save_result(args.out, checks())
     elif args.mode == "step":
-        save_result(args.out, step(args.steps, bool(args.recompute)))
+        save_result(args.out, step(args.steps, bool(args.recompute), bool(args.autocast)))
     else:
         raise SystemExit(f"unknown mode {args.mode}")
     finish()
