@@ -106,7 +106,10 @@ def held_out_splits(processed: Path, cell_load_dir: Path, out: Path, sizes: tupl
     return files
 
 
-def ours_command(bin_dir: Path, run_dir: Path, processed: Path, split: SplitFile, out: Path, steps: int) -> list[str]:
+def ours_command(
+    bin_dir: Path, run_dir: Path, processed: Path, split: SplitFile, out: Path, steps: int, autocast: str = "off"
+) -> list[str]:
+    tag = "" if autocast == "off" else f"_{autocast}"
     return [
         str(bin_dir / "bionemo-scale"),
         "predict",
@@ -117,16 +120,21 @@ def ours_command(bin_dir: Path, run_dir: Path, processed: Path, split: SplitFile
         "--split",
         str(split.path),
         "--output",
-        str(out / f"ours_nfe{steps}_{split.pairs}" / "PRED.h5ad"),
+        str(out / f"ours_nfe{steps}{tag}_{split.pairs}" / "PRED.h5ad"),
         "--steps",
         str(steps),
+        "--autocast",
+        autocast,
         "--overwrite",
     ]
 
 
-def state_command(state_bin: Path, run_dir: Path, checkpoint: str, split: SplitFile) -> list[str]:
+def state_command(
+    state_bin: Path, run_dir: Path, checkpoint: str, split: SplitFile, launcher: list[str] | None = None
+) -> list[str]:
+    """`state tx predict ...`; `launcher` replaces the `state` executable (a python and a wrapper script)."""
     return [
-        str(state_bin),
+        *(launcher or [str(state_bin)]),
         "tx",
         "predict",
         "--output-dir",

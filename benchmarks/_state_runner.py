@@ -164,15 +164,20 @@ def serve_model(spec: dict[str, Any]) -> None:
 
         return time_iterations(step, iters, warmup)
 
-    def infer(iters: int, warmup: int, nfe: int) -> dict[str, Any]:
+    def infer(iters: int, warmup: int, nfe: int, autocast: bool = False) -> dict[str, Any]:
         if nfe != 1:
             raise ValueError("STATE predicts with one forward evaluation (NFE = 1)")
         model.eval()
         torch.set_float32_matmul_precision("highest")  # `state tx predict` leaves torch's default
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             res = time_iterations(lambda i: model.forward(batches[i % len(batches)]), iters, warmup)
         model.train()
         return res
+
+    def infer_autocast(iters: int, warmup: int, nfe: int) -> dict[str, Any]:
+        """The forward under bf16 autocast, float32 weights: the peer of `predict --autocast bf16`.
+        `state tx predict` has no setting for it."""
+        return infer(iters, warmup, nfe, autocast=True)
 
     backbone = model.transformer_backbone
     ready = {
@@ -191,7 +196,7 @@ def serve_model(spec: dict[str, Any]) -> None:
         "setup_s": time.perf_counter() - t0,
         "versions": versions(STATE_PACKAGES),
     }
-    serve(ready, {"train": train, "train_autocast": train_autocast, "infer": infer})
+    serve(ready, {"train": train, "train_autocast": train_autocast, "infer": infer, "infer_autocast": infer_autocast})
 
 
 # -- cell-load ---------------------------------------------------------------------------------

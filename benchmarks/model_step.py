@@ -234,15 +234,21 @@ def ours_worker(spec: dict[str, Any]) -> None:
 
     ctrl_cells = [b["ctrl"].reshape(-1, b["ctrl"].shape[-1]).numpy() for b in batches]
 
-    def infer(iters: int, warmup: int, nfe: int, lattice: bool = False, precision: str = "highest") -> dict[str, Any]:
+    def infer(
+        iters: int, warmup: int, nfe: int, lattice: bool = False, precision: str = "highest", autocast: str = "off"
+    ) -> dict[str, Any]:
         """`lattice`: also put the predicted cells on their controls' count lattice, as `predict` does;
-        `precision`: torch's float32 matmul precision (`predict --matmul-precision`)."""
+        `precision`: torch's float32 matmul precision (`predict --matmul-precision`); `autocast`: as
+        `predict --autocast`."""
+        from bionemo_scale.model.autocast import forward_autocast
+
         model.eval()
         torch.set_float32_matmul_precision(precision)
 
         def call(i: int) -> None:
             b = batches[i % len(batches)]
-            pred = model.predict(b["ctrl"], conditions_of(b), steps=nfe)
+            with forward_autocast(autocast, "cpu"):
+                pred = model.predict(b["ctrl"], conditions_of(b), steps=nfe)
             if lattice:
                 put_on_lattice(pred.reshape(-1, pred.shape[-1]).numpy(), ctrl_cells[i % len(batches)], spec["seed"], i)
 
@@ -256,6 +262,9 @@ def ours_worker(spec: dict[str, Any]) -> None:
 
     def infer_medium(iters: int, warmup: int, nfe: int) -> dict[str, Any]:
         return infer(iters, warmup, nfe, precision="medium")
+
+    def infer_autocast(iters: int, warmup: int, nfe: int) -> dict[str, Any]:
+        return infer(iters, warmup, nfe, autocast="bf16")
 
     n_params = sum(p.numel() for p in model.parameters())
     n_block = sum(p.numel() for p in model.decoder.parameters())
@@ -277,6 +286,7 @@ def ours_worker(spec: dict[str, Any]) -> None:
             "infer": infer,
             "infer_lattice": infer_lattice,
             "infer_medium": infer_medium,
+            "infer_autocast": infer_autocast,
         },
     )
 
@@ -285,14 +295,19 @@ def ours_worker(spec: dict[str, Any]) -> None:
 # infer_lattice: ours' NFE=1 inference plus the count lattice that `predict` applies (flow.count_lattice)
 # train_autocast: both training steps under bf16 autocast (ours as `trainer.autocast=bf16`, STATE as
 # Lightning's precision="bf16-mixed" would run its training_step; its CLI has no such setting)
+# infer_autocast: inference under bf16 autocast (ours as `predict --autocast bf16`; STATE's forward
+# under the same autocast, which `state tx predict` has no setting for: the equal-precision peer)
 OPS = [
     ("train", None),
     ("train_autocast", None),
     ("infer", 1),
     ("infer_lattice", 1),
     ("infer_medium", 1),
+    ("infer_autocast", 1),
     ("infer", 10),
+    ("infer_autocast", 10),
 ]
+AUTOCAST_SUFFIX = ", bf16 autocast"
 LATTICE_LABEL = "inference NFE=1 + count lattice"
 
 
@@ -302,7 +317,9 @@ def op_label(op: str, nfe: int | None) -> str:
     if op == "infer_medium":
         return f"inference NFE={nfe}, matmul medium"
     if op == "train_autocast":
-        return "train (fwd+bwd+opt), bf16 autocast"
+        return "train (fwd+bwd+opt)" + AUTOCAST_SUFFIX
+    if op == "infer_autocast":
+        return f"inference NFE={nfe}" + AUTOCAST_SUFFIX
     return "train (fwd+bwd+opt)" if op == "train" else f"inference NFE={nfe}"
 
 
@@ -358,7 +375,9 @@ def compare(
             order = ["ours", "STATE"] if r % 2 == 0 else ["STATE", "ours"]
             for op, nfe in ops:
                 for name in order:
-                    if name == "STATE" and ((op == "infer" and nfe != 1) or op in ("infer_lattice", "infer_medium")):
+                    if name == "STATE" and (
+                        (op.startswith("infer") and nfe != 1) or op in ("infer_lattice", "infer_medium")
+                    ):
                         continue  # STATE has one forward evaluation only, no count lattice, and predicts at 'highest'
                     req: dict[str, Any] = {"op": op, "iters": iters, "warmup": warmup if r == 0 else 1}
                     if not op.startswith("train"):
@@ -426,6 +445,10 @@ def summarise(run: dict[str, Any], sizes: dict[str, int]) -> list[dict[str, Any]
             r[f"ratio_{key}"] = r[key]["median"] / ref[key]["median"]
             pairs = [a / b for a, b in zip(r[f"per_repeat_{key}"], ref[f"per_repeat_{key}"], strict=False)]
             r[f"paired_ratio_{key}"] = Summary.of(pairs).to_json()
+        # inference under autocast also against STATE's forward under the same autocast (equal precision)
+        equal = by_key.get((op_label("infer_autocast", 1), "STATE"))
+        if r["measurement"].startswith("inference") and r["measurement"].endswith(AUTOCAST_SUFFIX) and equal:
+            r["ratio_cells_per_s_vs_state_autocast"] = r["cells_per_s"]["median"] / equal["cells_per_s"]["median"]
     return rows
 
 
@@ -472,8 +495,14 @@ def report(results: list[dict[str, Any]], rows: list[dict[str, Any]], args: argp
         ratio = fmt_ratio(r.get("ratio_cells_per_s")) if r["model"] == "ours" else ""
         pr = r.get("paired_ratio_cells_per_s")
         ratio_iqr = f"{pr['q25']:.2f}–{pr['q75']:.2f}" if pr else ""
-        if r["model"] == "ours" and r["measurement"] in (op_label("infer", 10), LATTICE_LABEL):
+        if r["model"] == "ours" and r["measurement"] in (
+            op_label("infer", 10),
+            op_label("infer_autocast", 10),
+            LATTICE_LABEL,
+        ):
             ratio += " (vs STATE NFE=1)"
+        if "ratio_cells_per_s_vs_state_autocast" in r:
+            ratio += f"; {r['ratio_cells_per_s_vs_state_autocast']:.2f}× vs STATE's under autocast"
         body.append(
             [
                 r["genes"],
@@ -517,7 +546,10 @@ def report(results: list[dict[str, Any]], rows: list[dict[str, Any]], args: argp
         f"iterations after {args.warmup} warm-up iterations (1 more before each later repeat); ours and STATE "
         "alternate ABBA within the same run. 'ours ÷ STATE' = ratio of the medians; 'paired-ratio IQR' = IQR of "
         "the per-repeat ratios of adjacent (paired) repeats. Ours at NFE=10 is compared with STATE's single "
-        "forward (STATE has no multi-step inference). CPU-s = process CPU time of all threads.\n"
+        "forward (STATE has no multi-step inference). Inference rows marked 'bf16 autocast' run the forward under "
+        "torch's bf16 autocast with float32 weights (ours: `predict --autocast bf16`); their ratio is against STATE's "
+        "float32 forward (`state tx predict`), then against STATE's forward under the same autocast. "
+        "CPU-s = process CPU time of all threads.\n"
     )
     ptab = markdown_table(["G", "ours params", "STATE params"], ptable)
     load = meta["machine_load_start"], meta["machine_load_end"]

@@ -30,10 +30,12 @@ Parts (each can be run alone with --parts):
   The first --skip-steps steps (start-up, caches) are excluded and the rest is cut into
   --windows equal windows: medians and IQR are over windows. Peak RSS of each process too.
 - infer: inference cells/s at NFE=1 and 10 vs STATE's forward (model_step.py's protocol,
-  G = the genes of the train data), and ours at NFE=1 with `predict --matmul-precision medium`
-  (STATE predicts at 'highest', as `state tx predict` does).
+  G = the genes of the train data), ours at NFE=1 with `predict --matmul-precision medium`
+  (STATE predicts at 'highest', as `state tx predict` does), and ours at NFE=1 and 10 under
+  `predict --autocast bf16`, against STATE's forward in float32 and under the same autocast.
 - predict: end-to-end prediction of held-out pairs, each tool's own command as a user runs it:
-  `bionemo-scale predict` (NFE 1 and 10) against `state tx predict --predict-only`, both
+  `bionemo-scale predict` (NFE 1 and 10; with --predict-autocast also under `--autocast
+  bf16`) against `state tx predict --predict-only`, both
   reading the cells from disk and writing AnnData. Both models are first trained for
   --predict-train-steps steps on a split holding out --predict-pairs LARGE perturbations of one
   context; each command then runs on that split and on one holding out SMALL of them, and its
@@ -755,7 +757,7 @@ def part_infer(genes: int, args: argparse.Namespace, out: Path) -> dict[str, Any
 
     sizes = model_sizes(args)
     inputs = prepare_inputs(genes, REPO / "bench_out" / "model_step" / "cache", sizes, 8, args.seed)
-    ops = [("infer", 1), ("infer_medium", 1), ("infer", 10)]
+    ops = [("infer", 1), ("infer_medium", 1), ("infer_autocast", 1), ("infer", 10), ("infer_autocast", 10)]
     raw = compare(
         genes,
         args.threads,
@@ -802,18 +804,19 @@ def part_predict(case: Case, args: argparse.Namespace, out: Path) -> dict[str, A
         raise RuntimeError(f"`state tx train` wrote no final.ckpt or last.ckpt under {state_dir / 'checkpoints'}")
     # None of the runs writes into another's files; each command's outputs are overwritten by its next round.
     commands: dict[str, tuple[e2e.Command, e2e.Command]] = {}
-    for nfe in args.predict_nfe:
-        label = f"ours, `bionemo-scale predict` NFE={nfe}"
-        commands[label] = tuple(  # type: ignore[assignment]
-            e2e.Command(
-                "ours",
-                label,
-                sp.label,
-                sp.cells,
-                e2e.ours_command(MAIN_BIN, Path(ours_run["run_dir"]), case.processed, sp, pout, nfe),
+    for autocast in ("off", "bf16") if args.predict_autocast else ("off",):
+        for nfe in args.predict_nfe:
+            label = f"ours, `bionemo-scale predict` NFE={nfe}" + (" --autocast bf16" if autocast == "bf16" else "")
+            commands[label] = tuple(  # type: ignore[assignment]
+                e2e.Command(
+                    "ours",
+                    label,
+                    sp.label,
+                    sp.cells,
+                    e2e.ours_command(MAIN_BIN, Path(ours_run["run_dir"]), case.processed, sp, pout, nfe, autocast),
+                )
+                for sp in splits
             )
-            for sp in splits
-        )
     label = "STATE, `state tx predict`" + (
         f" ({args.predict_state_workers} loader worker{'s' * (args.predict_state_workers > 1)})"
         if args.predict_state_workers
@@ -823,6 +826,15 @@ def part_predict(case: Case, args: argparse.Namespace, out: Path) -> dict[str, A
         e2e.Command("STATE", label, sp.label, sp.cells, e2e.state_command(STATE_BIN, state_dir, ckpt, sp))
         for sp in splits
     )
+    bf16_label = label + " under bf16 autocast"
+    if args.predict_autocast:  # the equal-precision peer of ours under `--autocast bf16`
+        launcher = [str(BENCH_PYTHON), str(Path(__file__).resolve().with_name("_state_bf16_predict.py"))]
+        commands[bf16_label] = tuple(  # type: ignore[assignment]
+            e2e.Command(
+                "STATE", bf16_label, sp.label, sp.cells, e2e.state_command(STATE_BIN, state_dir, ckpt, sp, launcher)
+            )
+            for sp in splits
+        )
 
     def check_state_cells(c: e2e.Command, run: dict[str, Any]) -> dict[str, Any]:
         """STATE must have predicted every held-out cell; its rate counts every row it predicted."""
@@ -846,8 +858,11 @@ def part_predict(case: Case, args: argparse.Namespace, out: Path) -> dict[str, A
     res = {"splits": [vars(sp) | {"path": str(sp.path)} for sp in splits], "tools": e2e.summarise(commands)}
     res["state_checkpoint"] = ckpt
     state = res["tools"][label]["cells_per_s"]
-    for r in res["tools"].values():
+    state_bf16 = res["tools"].get(bf16_label, {}).get("cells_per_s", float("nan"))
+    for name, r in res["tools"].items():
         r["ratio_vs_state"] = r["cells_per_s"] / state if state == state and state > 0 else float("nan")
+        if name.endswith("--autocast bf16") and state_bf16 == state_bf16 and state_bf16 > 0:
+            r["ratio_vs_state_bf16"] = r["cells_per_s"] / state_bf16
     if not args.keep:
         shutil.rmtree(Path(ours_run["run_dir"]), ignore_errors=True)
         shutil.rmtree(state_dir.parent, ignore_errors=True)
@@ -1143,16 +1158,29 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
                 ]
             )
             if r["model"] == "ours":
+                state_rows = {x["measurement"]: x for x in inf["rows"] if x["model"] == "STATE"}
                 summary_rows.append(
                     [
                         f"{r['measurement']} (vs STATE forward)",
                         fmt_num(s["median"]),
-                        fmt_num(next(x for x in inf["rows"] if x["model"] == "STATE")["cells_per_s"]["median"]),
+                        fmt_num(state_rows["inference NFE=1"]["cells_per_s"]["median"]),
                         fmt_ratio(r.get("ratio_cells_per_s")),
                         f"≥{GOALS['infer']:g}×",
                         _mark(r.get("ratio_cells_per_s", float("nan")), GOALS["infer"]),
                     ]
                 )
+                equal = r.get("ratio_cells_per_s_vs_state_autocast")
+                if equal is not None:  # the equal-precision comparison
+                    summary_rows.append(
+                        [
+                            f"{r['measurement']} (vs STATE forward under bf16 autocast)",
+                            fmt_num(s["median"]),
+                            fmt_num(state_rows["inference NFE=1, bf16 autocast"]["cells_per_s"]["median"]),
+                            fmt_ratio(equal),
+                            f"≥{GOALS['infer']:g}×",
+                            _mark(equal, GOALS["infer"]),
+                        ]
+                    )
         out.append(
             markdown_table(
                 [
@@ -1306,7 +1334,7 @@ def predict_section(pr: dict[str, Any], args: argparse.Namespace, summary_rows: 
                 f"{r['load_1m'][0]:.1f}–{r['load_1m'][1]:.1f}",
             ]
         )
-        if name != state_name:
+        if not name.startswith("STATE"):
             summary_rows.append(
                 [
                     f"prediction end to end: {name} vs `state tx predict`",
@@ -1315,6 +1343,18 @@ def predict_section(pr: dict[str, Any], args: argparse.Namespace, summary_rows: 
                     fmt_ratio(r["ratio_vs_state"]),
                     f"≥{GOALS['infer']:g}×",
                     _mark(r["ratio_vs_state"], GOALS["infer"]),
+                ]
+            )
+        if "ratio_vs_state_bf16" in r:  # the equal-precision comparison
+            peer = next(n for n in pr["tools"] if n.startswith("STATE") and n.endswith("bf16 autocast"))
+            summary_rows.append(
+                [
+                    f"prediction end to end: {name} vs `state tx predict` under bf16 autocast",
+                    fmt_num(r["cells_per_s"]),
+                    fmt_num(pr["tools"][peer]["cells_per_s"]),
+                    fmt_ratio(r["ratio_vs_state_bf16"]),
+                    f"≥{GOALS['infer']:g}×",
+                    _mark(r["ratio_vs_state_bf16"], GOALS["infer"]),
                 ]
             )
     table = markdown_table(
@@ -1340,7 +1380,14 @@ def predict_section(pr: dict[str, Any], args: argparse.Namespace, summary_rows: 
         "and our priors cancel; reading the control cells, the model (NFE as named), our count lattice and writing "
         "the AnnData files remain. Both models trained "
         f"{args.predict_train_steps} steps at the table's size (the weights do not change the cost). STATE: "
-        f"`state tx predict --predict-only` from `{pr['state_checkpoint']}`.\n"
+        f"`state tx predict --predict-only` from `{pr['state_checkpoint']}`"
+        + (
+            "; 'under bf16 autocast': the same command with its model's `predict_step` under torch's bf16 autocast "
+            "(`_state_bf16_predict.py`; its CLI has no precision setting), the peer of ours under `--autocast bf16`"
+            if any(n.startswith("STATE") and n.endswith("bf16 autocast") for n in pr["tools"])
+            else ""
+        )
+        + ".\n"
     )
 
 
@@ -1378,7 +1425,10 @@ def chart(results: dict[str, Any], path: Path) -> None:
             if r["model"] == "ours":
                 speed.append(
                     (
-                        r["measurement"].replace("inference ", "model only\n").replace(", matmul medium", "\n(medium)"),
+                        r["measurement"]
+                        .replace("inference ", "model only\n")
+                        .replace(", matmul medium", "\n(medium)")
+                        .replace(", bf16 autocast", "\n(bf16)"),
                         r.get("ratio_cells_per_s", float("nan")),
                         GOALS["infer"],
                     )
@@ -1386,7 +1436,12 @@ def chart(results: dict[str, Any], path: Path) -> None:
     if "predict" in results:
         for name, r in results["predict"]["tools"].items():
             if not name.startswith("STATE"):
-                speed.append(("predict e2e\n" + name.split("` ")[-1], r["ratio_vs_state"], GOALS["infer"]))
+                short = name.split("` ")[-1].replace(" --autocast bf16", "\n(bf16)")
+                speed.append(("predict e2e\n" + short, r["ratio_vs_state"], GOALS["infer"]))
+                if "ratio_vs_state_bf16" in r:  # the equal-precision comparison
+                    speed.append(
+                        ("predict e2e\n" + short + "\n÷ STATE (bf16)", r["ratio_vs_state_bf16"], GOALS["infer"])
+                    )
     scale = results.get("scale", {}).get("ratios", {})
     width = max(10.0, 0.95 * len(speed))  # inches: about one per bar, so that the labels stay apart
     fig, axes = plt.subplots(1, 2, figsize=(width + 3.8, 4.8), gridspec_kw={"width_ratios": [width, 3.6]})
@@ -1551,6 +1606,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--predict-rounds", type=int, default=2, help="interleaved rounds of every prediction command")
     g.add_argument("--predict-train-steps", type=int, default=10, help="training steps of each model before predicting")
     g.add_argument("--predict-nfe", type=int, nargs="+", default=[1, 10], help="our integration steps (NFE) to time")
+    g.add_argument(
+        "--predict-autocast",
+        action="store_true",
+        help="also time `bionemo-scale predict --autocast bf16` at each NFE (~5 min more; off by default to keep "
+        "the default run under 30 min)",
+    )
     g.add_argument(
         "--predict-state-workers",
         type=int,

@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--combinations", choices=["direct", "compose"], help="predict's --combinations")
     ap.add_argument("--prior-rank", help="with --variant baselines: also additive on the low-rank prior (K or auto)")
     ap.add_argument("--reuse", help="predict with the trained runs of this variant instead of training")
+    ap.add_argument("--predict-autocast", choices=["off", "bf16"], default="off", help="predict's --autocast")
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "tune")
     args = ap.parse_args()
     data, split, _ = prepare_case(args.case, REPO / "bench_out" / "quality" / "data")
@@ -56,6 +57,7 @@ def main() -> None:
                     str(run), *scale_overrides(args.steps, seed), *args.overrides], base.with_suffix(".train.log"))  # fmt: skip
             wall = time.perf_counter() - start
             extra = ["--combinations", args.combinations] if args.combinations else []
+            extra += ["--autocast", args.predict_autocast]
             sh([*CLI, "predict", "--checkpoint", str(run), "--data", str(data), "--split", str(split),
                 "--subset", "val", "--output", str(base / "PRED.h5ad"), "--overwrite", *extra], base.with_suffix(".pred.log"))  # fmt: skip
             preds[args.variant] = base / "PRED.h5ad"
@@ -78,7 +80,8 @@ def main() -> None:
                          profile="full", overwrite=True, report=False, progress=False)  # fmt: skip
             res = pd.read_csv(out / "results.csv")
             overrides = " ".join(args.overrides + ([f"reuse={args.reuse}"] if args.reuse else [])
-                                 + ([f"combinations={args.combinations}"] if args.combinations else []))  # fmt: skip
+                                 + ([f"combinations={args.combinations}"] if args.combinations else [])
+                                 + ([f"predict_autocast={args.predict_autocast}"] if args.predict_autocast != "off" else []))  # fmt: skip
             row = {"case": args.case, "variant": name, "seed": seed, "steps": args.steps,
                    "overrides": overrides, "train_s": round(wall, 1)}  # fmt: skip
             row.update({m: round(float(res[m].mean()), 4) for m in METRICS})

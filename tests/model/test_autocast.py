@@ -100,3 +100,35 @@ def test_the_training_forward_under_autocast_is_float32_out_and_trains(megatron_
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
     assert sum(float(g.abs().sum()) for g in grads.values()) > 0
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_predict_under_autocast_keeps_the_flow_state_float32(megatron_single, monkeypatch, steps: int) -> None:
+    """`predict --autocast bf16`: the network runs in bf16, but the Euler state the solver carries and
+    the predicted cells are float32, within bf16 rounding of the float32 prediction and not equal to it."""
+    import bionemo_scale.model.scale_model as scale_model
+
+    torch.manual_seed(0)
+    model, _ = tiny_model()
+    model.eval()
+    ctrl = torch.rand(B, S, G, generator=torch.Generator().manual_seed(4)) * 3
+    seen: list[torch.dtype] = []
+    solve = scale_model.solve_endpoint
+
+    def spy(endpoint, z0, **kwargs):
+        def recorded(z, t):
+            out = endpoint(z, t)
+            seen.extend([z.dtype, out.dtype])
+            return out
+
+        seen.append(z0.dtype)
+        return solve(recorded, z0, **kwargs)
+
+    monkeypatch.setattr(scale_model, "solve_endpoint", spy)
+    full = model.predict(ctrl, _cond(), steps=steps)
+    seen.clear()
+    with forward_autocast("bf16", "cpu"):
+        half = model.predict(ctrl, _cond(), steps=steps)
+    assert len(seen) == 1 + 2 * steps and set(seen) == {torch.float32}
+    assert half.dtype == torch.float32 and not torch.equal(full, half)
+    assert torch.allclose(full, half, rtol=0.02, atol=0.02), float((full - half).abs().max())

@@ -329,18 +329,30 @@ def test_predict_from_the_best_checkpoint(base_run: Path, prediction: Path, demo
     assert not (tmp_path / "x").exists()
 
 
-def test_predict_at_reduced_matmul_precision(release: Path, demo_data: Path, tmp_path: Path) -> None:
-    """`--matmul-precision medium` predicts the same cells to within bf16 rounding."""
+@pytest.mark.parametrize(
+    ("flag", "value", "key", "default"),
+    [("--matmul-precision", "medium", "matmul_precision", "highest"), ("--autocast", "bf16", "autocast", "off")],
+)
+def test_predict_with_bf16_products(
+    release: Path, demo_data: Path, tmp_path: Path, flag: str, value: str, key: str, default: str
+) -> None:
+    """`--matmul-precision medium` and `--autocast bf16` predict the same cells to within bf16
+    rounding, float32 out, and record the setting; an unknown value is a one-line error."""
     from tests.train.conftest import reduced_precision_changes_matmuls
 
     common = ["predict", "--checkpoint", str(release), "--data", str(demo_data), "--split", str(SPLIT),
-              "--no-count-lattice"]  # fmt: skip
+              "--no-count-lattice", "--steps", "3"]  # fmt: skip
     cli(*common, "--output", str(tmp_path / "full.h5ad"))
-    cli(*common, "--output", str(tmp_path / "medium.h5ad"), "--matmul-precision", "medium")
-    full, medium = ad.read_h5ad(tmp_path / "full.h5ad"), ad.read_h5ad(tmp_path / "medium.h5ad")
-    assert (full.obs_names == medium.obs_names).all()
-    assert [a.uns["bionemo_scale"]["matmul_precision"] for a in (full, medium)] == ["highest", "medium"]
-    x, y = full.X.toarray(), medium.X.toarray()
+    cli(*common, "--output", str(tmp_path / "half.h5ad"), flag, value)
+    full, half = ad.read_h5ad(tmp_path / "full.h5ad"), ad.read_h5ad(tmp_path / "half.h5ad")
+    assert (full.obs_names == half.obs_names).all()
+    assert [a.uns["bionemo_scale"][key] for a in (full, half)] == [default, value]
+    x, y = full.X.toarray(), half.X.toarray()
+    assert y.dtype == np.float32
     assert np.abs(x - y).max() < 0.05 * max(1.0, float(np.abs(x).max()))
-    if reduced_precision_changes_matmuls():
+    # CPU autocast computes in bf16 on any x86 CPU (emulated without bf16 units); 'medium' changes
+    # float32 matmuls only where oneDNN has bf16 hardware (AMX)
+    if flag == "--autocast" or reduced_precision_changes_matmuls():
         assert np.abs(x - y).max() > 0
+    proc = cli(*common, "--output", str(tmp_path / "x" / "PRED.h5ad"), flag, "fp16", check=False)
+    assert proc.returncode == 2 and "invalid choice: 'fp16'" in proc.stderr and not (tmp_path / "x").exists()

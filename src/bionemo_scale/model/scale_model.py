@@ -119,7 +119,7 @@ class ScaleModel(MegatronModule):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """[S, B, H] -> [B, S, G]."""
-        return self.gene_decoder(z).transpose(0, 1).float()
+        return self.gene_decoder(z.to(self.config.params_dtype)).transpose(0, 1).float()
 
     def _condition_tokens(self, batch: dict[str, torch.Tensor], ctrl: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self._check_ids(batch)
@@ -265,14 +265,17 @@ class ScaleModel(MegatronModule):
         """
         if not (self.pre_process and self.post_process):
             raise ScaleError("predict needs the whole model on one pipeline stage", "predict with PP=1")
-        z0 = self.encode(ctrl)
+        # The integration state stays float32: under bf16 autocast (`predict --autocast bf16`) only
+        # the network's products drop to bf16, and K Euler steps do not accumulate bf16 rounding.
+        z0 = self.encode(ctrl).float()
         n_cond = self.num_condition_tokens
 
         def endpoint(z_bsh: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            z = z_bsh.transpose(0, 1)
+            z = z_bsh.transpose(0, 1).to(self.config.params_dtype)  # bf16 weights (megatron's bf16) take bf16
             hidden = torch.cat([self._condition_tokens(conditions, ctrl, t), z], dim=0)
             out = self._run_transformer(hidden)
-            return self._endpoint_from_hidden(out[n_cond:], z, t.view(1, -1, 1).to(z.dtype)).transpose(0, 1)
+            z1 = self._endpoint_from_hidden(out[n_cond:], z, t.view(1, -1, 1).to(z.dtype))
+            return z1.float().transpose(0, 1)
 
         z1_hat = solve_endpoint(endpoint, z0.transpose(0, 1), method=solver, steps=steps).transpose(0, 1)
         # dec(Ẑ1) and dec(Z0) in one decoder pass (one larger GEMM is cheaper than two)
